@@ -1,0 +1,5 @@
+import sys
+
+from drifting_lightning.cli import main
+
+sys.exit(main())

@@ -1,0 +1,89 @@
+"""The ``drifting`` command: LightningCLI (fit/validate/test/predict) plus ``list`` and the tool commands."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+
+import lightning.pytorch as pl
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from drifting_lightning import registry
+
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError, RuntimeError, MisconfigurationException)
+
+
+class DriftingArgumentParser(LightningArgumentParser):
+    """Adds "did you mean" suggestions to jsonargparse's errors about unknown component names."""
+
+    def error(self, message: str, *args, **kwargs):
+        hints = {registry.suggest(name) for name in re.findall(r"['\"]([A-Za-z_][\w.]*)['\"]", message)}
+        hints.discard("")
+        if hints:
+            message = message.rstrip() + "\n" + "\n".join(sorted(h.strip() for h in hints))
+            message += "\nRun `drifting list` for every component name."
+        return super().error(message, *args, **kwargs)
+
+
+class DriftingCLI(LightningCLI):
+    """LightningCLI with any LightningModule / LightningDataModule selected by class name in the config."""
+
+    def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
+        registry.load_components()
+        super().__init__(
+            model_class=pl.LightningModule,
+            datamodule_class=pl.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            parser_class=DriftingArgumentParser,
+            trainer_defaults={"gradient_clip_val": 2.0, "default_root_dir": "runs"},
+            save_config_kwargs={"overwrite": True},
+            args=None if args is None else list(args),
+            run=run,
+        )
+
+
+def list_components(argv: Sequence[str]) -> int:
+    """``drifting list [kind]``: every registered component with a one-line doc and its arguments."""
+    table = registry.kinds()
+    wanted = list(argv) or list(table)
+    for kind in wanted:
+        try:
+            found = registry.components(kind)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(f"{kind}:")
+        for name, cls in found.items():
+            summary, args = registry.describe(cls)
+            print(f"  {name:<24} {summary}")
+            if args:
+                print(f"  {'':<24}   args: {args}")
+        print()
+    return 0
+
+
+def _tool_commands() -> dict[str, Callable[[Sequence[str]], int]]:
+    return {"list": list_components}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    tools = _tool_commands()
+    try:
+        if argv and argv[0] in tools:
+            return tools[argv[0]](argv[1:])
+        DriftingCLI(args=argv)
+        return 0
+    except USER_ERRORS as err:
+        if os.environ.get("DRIFTING_DEBUG"):
+            raise
+        print(f"error: {err}\n(set DRIFTING_DEBUG=1 for the full traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

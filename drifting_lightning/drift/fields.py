@@ -1,0 +1,149 @@
+"""Drifting fields as plug-ins: kernel logits -> signed coefficients W with V = W @ Y - rowsum(W) * x.
+
+Every field sees one group at a time (batched over groups): generated rows x [G, N, D] against targets
+Y [G, T, D] whose first ``n_neg`` columns are negatives (the generated samples themselves first, then any extra
+weighted negatives) and whose remaining columns are positives. Working with coefficients instead of differences
+keeps memory at G*N*T + G*N*D: an [N, T, D] tensor of differences is never formed (PAPER.md 2).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Normalization = Literal["both", "targets", "none"]
+
+
+class DriftField:
+    """Base class. ``coefficients(logits, n_neg, column_weights)`` -> W [G, N, T], negatives signed negative.
+
+    A field may overwrite ``logits`` (it is a temporary of the engine). logits: [G, N, T] kernel logits (masked self-pairs already set very negative when ``masks_self``);
+    column_weights: [G, T] kernel weights of the targets (the guidance weight w on extra negatives) or None.
+    """
+
+    masks_self: bool = True
+
+    def coefficients(self, logits: Tensor, n_neg: int, column_weights: Tensor | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({args})"
+
+
+def _cross_weight_(a: Tensor, n_neg: int, attraction: float, repulsion: float) -> Tensor:
+    """Alg. 2 in place on A [G, N, T]: W_pos = A_pos * rowsum(A_neg), W_neg = A_neg * rowsum(A_pos), negatives signed
+    negative, so that V = W_pos @ y+ - W_neg @ y- (written as W @ Y - rowsum(W) x to allow unequal scales)."""
+    neg_mass = a[..., :n_neg].sum(-1, keepdim=True)
+    pos_mass = a[..., n_neg:].sum(-1, keepdim=True)
+    a[..., :n_neg].mul_(pos_mass * -repulsion)
+    a[..., n_neg:].mul_(neg_mass * attraction)
+    return a
+
+
+class MeanShift(DriftField):
+    """Mean-shift attraction minus repulsion (paper Eq. 11, Alg. 2), the paper's field.
+
+    normalization: "both" = sqrt(softmax over targets * softmax over generated rows) (the default), "targets" =
+    softmax over targets only, "none" = the raw kernel (paper Table 11). ``affinity_floor`` is the authors' code:
+    A = sqrt(max(product, floor)) in "both" mode, so every entry keeps at least sqrt(floor) weight; 0 gives Alg. 2
+    as printed. ``attraction_scale`` / ``repulsion_scale`` != 1 break anti-symmetry on purpose (Table 1 ablation:
+    e.g. 1.5 V+ - V-); ``repulsion_scale=0`` is "V+ only".
+    """
+
+    def __init__(
+        self,
+        normalization: Normalization = "both",
+        affinity_floor: float = 1e-6,
+        attraction_scale: float = 1.0,
+        repulsion_scale: float = 1.0,
+    ) -> None:
+        if normalization not in ("both", "targets", "none"):
+            raise ValueError(f"normalization must be 'both', 'targets' or 'none', got {normalization!r}")
+        if affinity_floor < 0:
+            raise ValueError(f"affinity_floor must be >= 0, got {affinity_floor}")
+        self.normalization = normalization
+        self.affinity_floor = affinity_floor
+        self.attraction_scale = attraction_scale
+        self.repulsion_scale = repulsion_scale
+
+    def affinities(self, logits: Tensor) -> Tensor:
+        """A [G, N, T] from logits [G, N, T] under the chosen normalisation (overwrites ``logits``)."""
+        if self.normalization == "both":
+            # sqrt(softmax_targets * softmax_rows) = exp(l - (lse_targets + lse_rows) / 2), one matrix, in place;
+            # the floor on the product becomes a floor of log(floor) / 2 on its logarithm.
+            lse_targets = logits.logsumexp(dim=-1, keepdim=True).mul_(0.5)
+            lse_rows = logits.logsumexp(dim=-2, keepdim=True).mul_(0.5)
+            log_a = logits.sub_(lse_targets).sub_(lse_rows)
+            if self.affinity_floor > 0:
+                log_a.clamp_min_(0.5 * math.log(self.affinity_floor))
+            return log_a.exp_()
+        if self.normalization == "targets":
+            return logits.softmax(dim=-1)
+        return logits.exp_()
+
+    def coefficients(self, logits: Tensor, n_neg: int, column_weights: Tensor | None = None) -> Tensor:
+        a = self.affinities(logits)
+        if column_weights is not None:
+            a.mul_(column_weights.unsqueeze(-2))  # weights act after the softmax, as in the authors' code
+        return _cross_weight_(a, n_neg, self.attraction_scale, self.repulsion_scale)
+
+
+class MMD(DriftField):
+    """The MMD field of paper C.2: V(x) = E_p[k(x,y)(y-x)] - E_q[k(x,y)(y-x)], un-normalised kernel averages.
+
+    With the Gaussian kernel this is sigma^2 times the gradient of the MMD witness function; the constant is
+    absorbed by drift normalisation. Extra negatives are averaged with their weights.
+    """
+
+    def coefficients(self, logits: Tensor, n_neg: int, column_weights: Tensor | None = None) -> Tensor:
+        k = logits.exp()
+        if column_weights is None:
+            column_weights = torch.ones(k.shape[0], k.shape[-1], dtype=k.dtype, device=k.device)
+        k = k * column_weights.unsqueeze(-2)
+        neg_mass = column_weights[:, :n_neg].sum(-1).clamp_min(1e-12)[:, None, None]
+        pos_mass = column_weights[:, n_neg:].sum(-1).clamp_min(1e-12)[:, None, None]
+        return torch.cat([k[..., :n_neg] / -neg_mass, k[..., n_neg:] / pos_mass], dim=-1)
+
+
+class SinkhornDrift(DriftField):
+    """Sinkhorn drifting (He et al., "Sinkhorn-Drifting Generative Models", arXiv 2603.12366).
+
+    Cross-minus-self: V(x_i) = barycentre of x_i under the entropic OT plan x -> positives minus its barycentre under
+    the plan x -> negatives (the generated set itself, self-pairs included, plus weighted extra negatives). Both plans
+    come from two-sided Sinkhorn scaling (uniform row marginals, column marginals proportional to the column weights),
+    which makes V = 0 imply q = p; the one-sided mean shift is the zero-iteration limit. ``iterations`` Sinkhorn steps
+    run in log space.
+    """
+
+    masks_self = False
+
+    def __init__(self, iterations: int = 20) -> None:
+        if iterations < 1:
+            raise ValueError(f"iterations must be >= 1, got {iterations}")
+        self.iterations = iterations
+
+    def _plan(self, logits: Tensor, weights: Tensor | None) -> Tensor:
+        n, t = logits.shape[-2], logits.shape[-1]
+        log_a = -math.log(n)
+        if weights is None:
+            log_b = torch.full(logits.shape[:-2] + (1, t), -math.log(t), dtype=logits.dtype, device=logits.device)
+        else:
+            w = weights.clamp_min(0).unsqueeze(-2)
+            log_b = (w / w.sum(-1, keepdim=True).clamp_min(1e-12)).clamp_min(1e-30).log()
+        g = torch.zeros_like(log_b)
+        for _ in range(self.iterations):
+            f = log_a - (logits + g).logsumexp(dim=-1, keepdim=True)
+            g = log_b - (logits + f).logsumexp(dim=-2, keepdim=True)
+        plan = (logits + f + g).exp()
+        return plan / plan.sum(-1, keepdim=True).clamp_min(1e-30)  # barycentric projection weights
+
+    def coefficients(self, logits: Tensor, n_neg: int, column_weights: Tensor | None = None) -> Tensor:
+        w_neg = None if column_weights is None else column_weights[:, :n_neg]
+        w_pos = None if column_weights is None else column_weights[:, n_neg:]
+        return torch.cat(
+            [-self._plan(logits[..., :n_neg], w_neg), self._plan(logits[..., n_neg:], w_pos)], dim=-1
+        )

@@ -1,0 +1,144 @@
+"""Names -> components: listing, third-party plug-ins through entry points, and "did you mean" help.
+
+jsonargparse already resolves short class names (``--model.loss.kernel Gaussian``) for every imported subclass of a
+typed base class, so the registry of record is the class hierarchy itself. This module makes sure every built-in and
+plug-in class is imported, lists them by kind, and suggests names for typos.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import warnings
+from importlib.metadata import entry_points
+
+import lightning.pytorch as pl
+
+ENTRY_POINT_GROUP = "drifting_lightning.plugins"
+
+# Modules whose import defines the built-in components; a module that fails to import is reported, not fatal.
+BUILTIN_MODULES = (
+    "drifting_lightning.drift.kernels",
+    "drifting_lightning.drift.fields",
+    "drifting_lightning.drift.loss",
+    "drifting_lightning.models.mlp",
+    "drifting_lightning.models.dit",
+    "drifting_lightning.encoders.base",
+    "drifting_lightning.encoders.resnet_mae",
+    "drifting_lightning.encoders.resnet50",
+    "drifting_lightning.encoders.composite",
+    "drifting_lightning.encoders.mae",
+    "drifting_lightning.sampling.guidance",
+    "drifting_lightning.sampling.positives",
+    "drifting_lightning.data.toy",
+    "drifting_lightning.data.vector",
+    "drifting_lightning.data.images",
+    "drifting_lightning.metrics.classifier",
+    "drifting_lightning.module",
+)
+
+_loaded = False
+
+
+def load_components() -> None:
+    """Import every built-in module and every plug-in module registered under the entry-point group."""
+    global _loaded
+    if _loaded:
+        return
+    for name in BUILTIN_MODULES:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name != name:  # a missing dependency inside an existing module is a real error
+                raise
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            ep.load()
+        except Exception as err:  # a broken plug-in must not take the CLI down with it
+            warnings.warn(f"plug-in {ep.name!r} ({ep.value}) failed to load: {err}", stacklevel=2)
+    _loaded = True
+
+
+def kinds() -> dict[str, type]:
+    """Kind name -> base class, for ``drifting list``."""
+    from drifting_lightning.drift.fields import DriftField
+    from drifting_lightning.drift.kernels import Kernel
+    from drifting_lightning.encoders.base import FeatureEncoder
+    from drifting_lightning.models.base import Generator
+
+    result: dict[str, type] = {
+        "kernels": Kernel,
+        "fields": DriftField,
+        "encoders": FeatureEncoder,
+        "generators": Generator,
+    }
+    try:
+        from drifting_lightning.sampling.positives import PositiveSource
+
+        result["samplers"] = PositiveSource
+    except ModuleNotFoundError:
+        pass
+    result["data"] = pl.LightningDataModule
+    result["models"] = pl.LightningModule
+    return result
+
+
+def components(kind: str) -> dict[str, type]:
+    """Short class name -> class, for every concrete subclass of the kind's base class that is loaded."""
+    load_components()
+    table = kinds()
+    if kind not in table:
+        raise ValueError(f"unknown kind {kind!r}; choose from {', '.join(table)}{_suggest(kind, table)}")
+    base = table[kind]
+    found: dict[str, type] = {}
+    stack = list(base.__subclasses__())
+    while stack:
+        cls = stack.pop()
+        stack.extend(cls.__subclasses__())
+        if cls.__module__.startswith(("lightning", "pytorch_lightning")) or cls.__name__.startswith("_"):
+            continue
+        if kind in ("data", "models") and not cls.__module__.startswith("drifting_lightning"):
+            if not _is_plugin(cls):
+                continue
+        found[cls.__name__] = cls
+    if kind == "samplers":
+        from drifting_lightning.sampling.guidance import GuidanceSampler
+
+        found["GuidanceSampler"] = GuidanceSampler
+    return dict(sorted(found.items()))
+
+
+def _is_plugin(cls: type) -> bool:
+    names = {ep.value.split(":")[0] for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    return any(cls.__module__ == n or cls.__module__.startswith(n + ".") for n in names)
+
+
+def describe(cls: type) -> tuple[str, str]:
+    """(first docstring line, constructor arguments with defaults)."""
+    doc = (inspect.getdoc(cls) or "").strip().splitlines()
+    summary = doc[0] if doc else ""
+    try:
+        params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    except (TypeError, ValueError):
+        params = []
+    args = ", ".join(
+        p.name if p.default is inspect.Parameter.empty else f"{p.name}={p.default!r}"
+        for p in params
+        if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    )
+    return summary, args
+
+
+def all_names() -> list[str]:
+    return sorted({name for kind in kinds() for name in components(kind)})
+
+
+def suggest(name: str) -> str:
+    """' Did you mean X?' for a mistyped component name, or ''."""
+    return _suggest(name.rsplit(".", 1)[-1], all_names())
+
+
+def _suggest(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=3, cutoff=0.6)
+    return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
