@@ -96,7 +96,8 @@ def components(kind: str) -> dict[str, type]:
     while stack:
         cls = stack.pop()
         stack.extend(cls.__subclasses__())
-        if cls.__module__.startswith(("lightning", "pytorch_lightning")) or cls.__name__.startswith("_"):
+        hidden = cls.__name__.startswith(("_", "LazyInstance_"))  # jsonargparse's lazy_instance wrappers
+        if cls.__module__.startswith(("lightning", "pytorch_lightning")) or hidden:
             continue
         if kind in ("data", "models") and not cls.__module__.startswith("drifting_lightning"):
             if not _is_plugin(cls):
@@ -123,11 +124,19 @@ def describe(cls: type) -> tuple[str, str]:
     except (TypeError, ValueError):
         params = []
     args = ", ".join(
-        p.name if p.default is inspect.Parameter.empty else f"{p.name}={p.default!r}"
+        p.name if p.default is inspect.Parameter.empty else f"{p.name}={_show(p.default)}"
         for p in params
         if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
     )
     return summary, args
+
+
+def _show(default: object) -> str:
+    # Lazy defaults (jsonargparse's lazy_instance) have no usable repr before they are built: show the class.
+    try:
+        return repr(default)
+    except Exception:
+        return type(default).__name__.removeprefix("LazyInstance_") + "(...)"
 
 
 def all_names() -> list[str]:

@@ -16,7 +16,10 @@ InitMode = Literal["default", "collapsed", "far"]
 class MLPGenerator(Generator):
     """f(noise) for vectors: noise [B, noise_dim] -> [B, output_dim] through SiLU hidden layers.
 
-    ``init`` reproduces the starts of paper Fig. 3: "default" (PyTorch init), "collapsed" (the last layer's weights
+    Weights start variance-preserving (He-normal hidden layers, LeCun-normal output, zero biases), as the JAX
+    default the paper used: PyTorch's default init shrinks the output to std ~0.04, a start collapsed at the origin
+    from which a local kernel cannot reach far modes. ``init`` reproduces the starts of paper Fig. 3: "default"
+    (that init), "collapsed" (the last layer's weights
     scaled by ``init_scale`` and its bias set to ``init_point``, so every sample starts on one point, e.g. one mode),
     "far" (bias set to ``init_point``, far from the data). With ``num_classes`` > 0 a class embedding is added to the
     first hidden layer, and the guidance scale (alpha - 1) enters as an extra input.
@@ -50,6 +53,12 @@ class MLPGenerator(Generator):
         self._initialise(init, init_point, init_scale, output_dim)
 
     def _initialise(self, init: InitMode, point: Sequence[float] | None, scale: float, dim: int) -> None:
+        for layer in self.body:
+            if isinstance(layer, nn.Linear):
+                nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+                nn.init.zeros_(layer.bias)
+        nn.init.normal_(self.head.weight, std=self.head.in_features**-0.5)
+        nn.init.zeros_(self.head.bias)
         if init == "default":
             return
         default_point = [1.0] + [0.0] * (dim - 1) if init == "collapsed" else [6.0] * dim

@@ -1,0 +1,241 @@
+"""Drift-loss benchmark: the batched engine (DriftingLoss) against the literal loop (reference.authors_loss).
+
+    python benchmarks/drift_loss.py              # full run: minutes on a 2-core CPU
+    python benchmarks/drift_loss.py --quick      # smoke test at toy sizes
+    python benchmarks/drift_loss.py --device cuda
+
+Two tables, forward + backward of one feature with 3 temperatures, median of several runs after one warm-up:
+1. the paper's ablation shape (G = 64 groups, N = 64 generated, P = 64 positives, M = 16 extra negatives) for
+   C in {64, 256, 1024}, engine vs literal loop;
+2. a per-location feature map (C = 256, gen [G, N, L, C]) at G x L = 64 x {64, 256, 1024} location-groups under a
+   ``max_chunk_elements`` budget (engine only), to show throughput (rows/s) against size and peak memory against
+   the chunk budget.
+
+Peak memory: every case runs in a fresh subprocess. On CPU the worker allocates its inputs, reads its resident set
+size (RSS, /proc/self/statm) as the baseline, resets the kernel's peak-RSS mark (``echo 5 > /proc/self/clear_refs``,
+so an earlier transient peak from imports does not hide the growth) and reports ru_maxrss at the end minus the
+baseline: the peak extra memory of the loss over its inputs. On CUDA it reports max_memory_allocated minus the
+memory allocated after the inputs. Chunk budget: ``max_chunk_elements`` x 4 bytes x LIVE_MATRICES, the [rows, N, T]
+float32 matrices the engine holds at once per chunk (loss.py: the distances d and one temperature's logits, which
+the field then overwrites in place; the feature-scale pass likewise holds d and d * w).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LIVE_MATRICES = 2
+TEMPERATURES = (0.02, 0.05, 0.2)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def worker(spec: dict) -> dict:
+    """One case in this (fresh) process: inputs, baseline, warm-up, timed runs, peak extra memory."""
+    import torch
+
+    from drifting_lightning.drift import DriftingLoss
+    from drifting_lightning.drift.reference import authors_loss
+
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    g, n, p, m, c, loc = spec["G"], spec["N"], spec["P"], spec["M"], spec["C"], spec["L"]
+    gen_ = torch.Generator(device=device).manual_seed(0)
+
+    def randn(k: int):
+        shape = (g, k, c) if loc is None else (g, k, loc, c)
+        return torch.randn(shape, generator=gen_, device=device)
+
+    gen, pos, neg = randn(n).requires_grad_(), randn(p) + 0.5, randn(m)
+    w = torch.rand(g, m, generator=gen_, device=device)
+    if spec["impl"] == "engine":
+        loss_fn = DriftingLoss(temperatures=TEMPERATURES, max_chunk_elements=spec["chunk"])
+
+        def step():
+            loss_fn(gen, pos, neg, w).loss.backward()
+    else:
+
+        def step():
+            with device:  # the transcription builds its weights with factory defaults
+                authors_loss(gen, pos, neg, w, TEMPERATURES).backward()
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    sync()
+    if device.type == "cuda":
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = _rss_bytes()
+        spec["peak_reset"] = _reset_peak_rss()
+    times = []
+    for i in range(spec["repeats"] + 1):
+        gen.grad = None
+        start = time.perf_counter()
+        step()
+        sync()
+        if i:  # the first run warms up
+            times.append(time.perf_counter() - start)
+    if device.type == "cuda":
+        extra = torch.cuda.max_memory_allocated() - base
+    else:
+        extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    input_bytes = sum(t.numel() * t.element_size() for t in (gen, pos, neg, w))
+    return {**spec, "time": statistics.median(times), "times": times, "extra": max(extra, 0), "inputs": input_bytes,
+            "torch_threads": torch.get_num_threads()}
+
+
+def run_case(spec: dict) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, env=env, check=False
+    )
+    if out.returncode != 0:
+        return {**spec, "error": (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _available_bytes(device: str) -> int:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    with open("/proc/meminfo") as f:
+        info = dict(line.split(":", 1) for line in f)
+    return int(info["MemAvailable"].split()[0]) * 1024
+
+
+def _cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _engine_version() -> str:
+    drift = ROOT / "drifting_lightning" / "drift"
+    digest = hashlib.sha256()
+    for name in ("functional.py", "fields.py", "kernels.py", "loss.py"):
+        digest.update((drift / name).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def ms(result: dict) -> str:
+    """Median time in ms, with the range of the timed runs."""
+    lo, hi = min(result["times"]) * 1e3, max(result["times"]) * 1e3
+    return f"{result['time'] * 1e3:,.1f} ({lo:,.0f}-{hi:,.0f})"
+
+
+def mb(nbytes: float) -> str:
+    value = nbytes / 2**20
+    return f"{value:,.0f}" if value >= 100 else f"{value:.2g}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="toy sizes, two repeats: a smoke test")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per case (default 5, quick 2)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads in the workers (0: torch's default)")
+    parser.add_argument("--chunk-elements", type=int, default=None,
+                        help="max_chunk_elements of the per-location case (default 2**24, quick 2**10)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+
+    quick = args.quick
+    repeats = args.repeats or (2 if quick else 5)
+    chunk = args.chunk_elements or (2**10 if quick else 2**24)
+    shape = dict(G=4, N=8, P=8, M=2) if quick else dict(G=64, N=64, P=64, M=16)
+    channels = [16] if quick else [64, 256, 1024]
+    locations = [4] if quick else [64, 256, 1024]
+    common = dict(device=args.device, threads=args.threads, repeats=repeats)
+    if args.device.startswith("cuda"):
+        import torch
+
+        where = torch.cuda.get_device_name(args.device)
+    else:
+        where = f"{_cpu_model()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}"
+    print(f"drift loss benchmark, {time.strftime('%Y-%m-%d %H:%M')}, device {args.device} ({where}), "
+          f"torch {metadata.version('torch')}, engine {_engine_version()}")
+    print(f"forward + backward, temperatures {TEMPERATURES}, median of {repeats} runs after 1 warm-up\n")
+
+    print(f"Ablation shape G={shape['G']}, N={shape['N']}, P={shape['P']}, M={shape['M']} (one [G, N, C] feature)\n")
+    print("| C | engine ms (range) | literal loop ms (range) | speed-up "
+          "| engine peak extra MB | literal peak extra MB |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for c in channels:
+        res = {impl: run_case({**common, **shape, "C": c, "L": None, "chunk": None, "impl": impl})
+               for impl in ("engine", "literal")}
+        if any("error" in r for r in res.values()):
+            print(f"| {c} | {res['engine'].get('error', '')} | {res['literal'].get('error', '')} | | | |")
+            continue
+        e, lit = res["engine"], res["literal"]
+        print(f"| {c} | {ms(e)} | {ms(lit)} | {lit['time'] / e['time']:.1f}x "
+              f"| {mb(e['extra'])} | {mb(lit['extra'])} |", flush=True)
+
+    c = 16 if quick else 256
+    budget = chunk * 4 * LIVE_MATRICES
+    print(f"\nPer-location feature map, C={c}, gen [G, N, L, C] with G={shape['G']}, max_chunk_elements={chunk:,} "
+          f"(chunk budget {mb(budget)} MB = elements x 4 B x {LIVE_MATRICES} live [rows, N, T] matrices)\n")
+    print("| G x L rows | ms (range) | rows/s | inputs MB | peak extra MB | extra / inputs | extra / chunk budget |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    previous = None
+    for loc in locations:
+        spec = {**common, **shape, "C": c, "L": loc, "chunk": chunk, "impl": "engine"}
+        rows = shape["G"] * loc
+        inputs = 4 * rows * c * (shape["N"] + shape["P"] + shape["M"])
+        # Extra memory grows with the rows: extrapolate from the last case (or 10x the inputs) before trying.
+        needed = inputs + (previous["extra"] * rows / previous["rows"] if previous else 10 * inputs)
+        available = _available_bytes(args.device)
+        if needed > 0.75 * available:  # leave room for whatever else runs on the machine
+            print(f"| {shape['G']} x {loc} = {rows:,} | does not fit: needs about {mb(needed)} MB, "
+                  f"{mb(available)} MB available | | {mb(inputs)} | | | |", flush=True)
+            continue
+        r = run_case(spec)
+        if "error" in r:
+            print(f"| {shape['G']} x {loc} = {rows:,} | failed: {r['error']} | | {mb(inputs)} | | | |", flush=True)
+            continue
+        previous = {**r, "rows": rows}
+        print(f"| {shape['G']} x {loc} = {rows:,} | {ms(r)} | {rows / r['time']:,.0f} | {mb(r['inputs'])} "
+              f"| {mb(r['extra'])} | {r['extra'] / r['inputs']:.2f} | {r['extra'] / budget:.1f} |", flush=True)
+    threads = previous["torch_threads"] if previous else "?"
+    print(f"\ntorch threads {threads}" + (f", load average {os.getloadavg()[0]:.1f} at the end; peak extra = ru_maxrss "
+          "after the runs - RSS after allocating the inputs (peak mark reset there)" if args.device == "cpu" else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""A small CNN classifier for small images and its training module: the feature space of ``fd_classifier``.
+
+The Frechet distance in the penultimate features of a classifier trained on the dataset is the usual metric for
+28x28 data (Inception features of upsampled MNIST digits say little). It is logged as ``fd_classifier``, never
+as FID. Train it once per dataset (``configs/classifier/fashion_mnist.yaml``); the exported file is what
+``ClassifierExtractor`` loads.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from torch import Tensor, nn
+
+CHECKPOINT_FORMAT = "drifting-classifier/1"
+ARCH_KEYS = ("in_channels", "num_classes", "width", "feature_dim")  # the SmallCNN arguments a checkpoint stores
+
+
+class SmallCNN(nn.Module):
+    """Two conv stages (conv-conv-pool) and an adaptive 4x4 pool: works for 8x8, 28x28 and 32x32 inputs alike.
+
+    x: [B, C, H, W] -> logits [B, num_classes]; ``features(x)`` -> penultimate activations [B, feature_dim].
+    No batch norm, so features do not depend on the batch they are computed in.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 32, feature_dim: int = 128) -> None:
+        super().__init__()
+        w = width
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, w, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(w, w, 3, padding=1), nn.SiLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.SiLU(),
+            nn.MaxPool2d(2, ceil_mode=True),
+            nn.AdaptiveAvgPool2d(4), nn.Flatten(),  # a coarse 4x4 layout survives, unlike a global pool
+            nn.Linear(2 * w * 16, feature_dim), nn.SiLU(),
+        )  # fmt: skip
+        self.head = nn.Linear(feature_dim, num_classes)
+        self.in_channels = in_channels
+        self.feature_dim = feature_dim
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(x))
+
+
+def save_classifier(path: str | os.PathLike, net: SmallCNN, hparams: dict, test_accuracy: float | None) -> Path:
+    """Write the classifier file that ``load_classifier`` reads (temporary file + rename, never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}  # loadable on a machine without a GPU
+    payload = {"format": CHECKPOINT_FORMAT, "hparams": hparams, "state_dict": state}
+    payload["test_accuracy"] = test_accuracy
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_classifier(path: str | os.PathLike) -> SmallCNN:
+    """A SmallCNN from a file of ``save_classifier`` or a Lightning checkpoint of ``ClassifierTraining``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"classifier checkpoint {path} not found; train one with "
+            "`drifting fit --config configs/classifier/fashion_mnist.yaml` (it writes classifier.pt)"
+        )
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if ckpt.get("format") == CHECKPOINT_FORMAT:
+        hparams, state = ckpt["hparams"], ckpt["state_dict"]
+    elif "hyper_parameters" in ckpt and "state_dict" in ckpt:
+        hparams = ckpt["hyper_parameters"]
+        state = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+    else:
+        raise ValueError(f"{path} is neither a classifier file of save_classifier nor a ClassifierTraining checkpoint")
+    net = SmallCNN(**{k: hparams[k] for k in ARCH_KEYS})
+    net.load_state_dict(state)
+    return net.eval().requires_grad_(False)
+
+
+def flatten_batch(batch: dict) -> tuple[Tensor, Tensor]:
+    """The class-grouped batch (positives [Nc, Npos, ...], labels [Nc]) -> (x [Nc*Npos, ...], y [Nc*Npos])."""
+    pos, labels = batch["positives"], batch["labels"]
+    return pos.flatten(0, 1), labels.repeat_interleave(pos.shape[1])
+
+
+class ClassifierTraining(L.LightningModule):
+    """Trains a SmallCNN with cross-entropy on the standard class-grouped batch dict.
+
+    After every training epoch it logs ``test/accuracy`` on ``datamodule.real_samples(split="test")``
+    (``(samples [N, C, H, W], labels [N])``, the whole test split); at the end of training rank 0 writes the
+    classifier to ``export_path`` (default ``<log_dir>/classifier.pt``) for ``ClassifierExtractor``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        width: int = 32,
+        feature_dim: int = 128,
+        lr: float = 2e-3,
+        weight_decay: float = 1e-4,
+        export_path: str | None = None,
+        eval_batch_size: int = 1000,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = SmallCNN(in_channels, num_classes, width, feature_dim)
+        self.test_accuracy: float | None = None
+        self._test_set: tuple[Tensor, Tensor] | None = None  # loaded once, at the first epoch end
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        x, y = flatten_batch(batch)
+        logits = self.net(x)
+        loss = F.cross_entropy(logits, y)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/accuracy", (logits.argmax(1) == y).float().mean())
+        return loss
+
+    @torch.no_grad()
+    def evaluate(self, x: Tensor, y: Tensor) -> float:
+        """Accuracy of the classifier on samples x: [N, ...] with labels y: [N]."""
+        was_training = self.net.training
+        self.net.eval()
+        correct = 0
+        for xb, yb in zip(x.split(self.hparams.eval_batch_size), y.split(self.hparams.eval_batch_size)):
+            correct += (self.net(xb.to(self.device)).argmax(1).cpu() == yb.cpu()).sum().item()
+        self.net.train(was_training)
+        return correct / max(len(y), 1)
+
+    def on_train_epoch_end(self) -> None:
+        if self._test_set is None:
+            dm = getattr(self.trainer, "datamodule", None)
+            if dm is None or not hasattr(dm, "real_samples"):
+                rank_zero_warn("the datamodule has no real_samples(split='test'): test accuracy is not logged")
+                return
+            x, y = dm.real_samples(split="test")
+            if y is None:
+                raise ValueError(f"{type(dm).__name__}.real_samples(split='test') gave no labels: it is unconditional")
+            self._test_set = (x, y)
+        self.test_accuracy = self.evaluate(*self._test_set)
+        self.log("test/accuracy", self.test_accuracy)
+
+    @rank_zero_only
+    def on_train_end(self) -> None:
+        path = self.hparams.export_path or os.path.join(self.trainer.log_dir or ".", "classifier.pt")
+        save_classifier(path, self.net, {k: self.hparams[k] for k in ARCH_KEYS}, self.test_accuracy)
+        acc = "not measured" if self.test_accuracy is None else f"{self.test_accuracy:.4f}"
+        rank_zero_info(f"classifier written to {path} (test accuracy {acc})")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.net.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

@@ -1,0 +1,52 @@
+"""Samples as the standard evaluators read them: uint8 quantisation as in DiT and ADM-style .npz files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def to_uint8(x: Tensor, channels_last: bool = True) -> Tensor:
+    """x: [B, C, H, W] float in [-1, 1] -> uint8, [B, H, W, C] (default) or [B, C, H, W].
+
+    The DiT rule (``sample_ddp.py``): clamp(127.5 * x + 128, 0, 255), then truncation to uint8, so -1 -> 0,
+    0 -> 128 and 1 -> 255. Every number we report passes through this function exactly once.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"expected images [B, C, H, W], got shape {list(x.shape)}")
+    q = torch.clamp(127.5 * x.float() + 128.0, 0, 255).to(torch.uint8)
+    return q.permute(0, 2, 3, 1).contiguous() if channels_last else q
+
+
+def write_adm_npz(
+    path: str | os.PathLike, images: Tensor | np.ndarray, labels: Tensor | np.ndarray | None = None
+) -> Path:
+    """Write an ADM-evaluator sample batch: ``arr_0`` = images uint8 [N, H, W, C] (+ ``arr_1`` = labels [N]).
+
+    Written to a temporary file beside ``path`` and renamed, so a reader never sees a partial file.
+    """
+    images = images.cpu().numpy() if isinstance(images, Tensor) else np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(
+            f"expected uint8 images [N, H, W, C] with C in (1, 3), got {images.dtype} {list(images.shape)}; "
+            "convert samples in [-1, 1] with to_uint8(x)"
+        )
+    arrays = {"arr_0": images}
+    if labels is not None:
+        labels = labels.cpu().numpy() if isinstance(labels, Tensor) else np.asarray(labels)
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"labels must be [{images.shape[0]}] to match the images, got {list(labels.shape)}")
+        arrays["arr_1"] = labels
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")  # np.savez appends .npz to other names
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
