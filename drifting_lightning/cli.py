@@ -8,7 +8,9 @@ import sys
 from collections.abc import Callable, Sequence
 
 import lightning.pytorch as pl
+import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from drifting_lightning import registry
@@ -45,6 +47,14 @@ class DriftingCLI(LightningCLI):
             run=run,
         )
 
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> pl.Trainer:
+        # A rich progress bar by default, unless the run disables bars or configures its own.
+        configured = config.get("callbacks") or []
+        has_bar = any(isinstance(c, ProgressBar) for c in [*configured, *callbacks])
+        if config.get("enable_progress_bar", True) is not False and not has_bar:
+            callbacks = [*callbacks, RichProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
+
 
 def list_components(argv: Sequence[str]) -> int:
     """``drifting list [kind]``: every registered component with a one-line doc and its arguments."""
@@ -70,12 +80,31 @@ def _tool_commands() -> dict[str, Callable[[Sequence[str]], int]]:
     return {"list": list_components}
 
 
+def check_config_files(argv: Sequence[str]) -> None:
+    """Every ``--config``/``-c`` file exists and is valid YAML; the error names the file and the line."""
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        else:
+            continue
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"config file {path} does not exist (see configs/ for the shipped ones)")
+        with open(path) as f:
+            try:
+                yaml.safe_load(f)
+            except yaml.YAMLError as err:
+                raise ValueError(f"config file {path} is not valid YAML: {err}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     tools = _tool_commands()
     try:
         if argv and argv[0] in tools:
             return tools[argv[0]](argv[1:])
+        check_config_files(argv)
         DriftingCLI(args=argv)
         return 0
     except USER_ERRORS as err:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +16,9 @@ from drifting_lightning.drift.loss import DriftingLoss
 from drifting_lightning.encoders.base import FeatureEncoder, Identity
 from drifting_lightning.models.base import Generator
 from drifting_lightning.sampling.guidance import GuidanceSampler, guidance_weight
+
+# The frozen encoder and the EMA copy are in eval mode on purpose; Lightning warns about any module in eval mode.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
 
 
 class NonFiniteLossError(RuntimeError):

@@ -99,9 +99,9 @@ def components(kind: str) -> dict[str, type]:
         hidden = cls.__name__.startswith(("_", "LazyInstance_"))  # jsonargparse's lazy_instance wrappers
         if cls.__module__.startswith(("lightning", "pytorch_lightning")) or hidden:
             continue
-        if kind in ("data", "models") and not cls.__module__.startswith("drifting_lightning"):
-            if not _is_plugin(cls):
-                continue
+        ours = cls.__module__.startswith("drifting_lightning")
+        if kind in ("data", "models") and not ours and not _is_plugin(cls):
+            continue
         found[cls.__name__] = cls
     if kind == "samplers":
         from drifting_lightning.sampling.guidance import GuidanceSampler

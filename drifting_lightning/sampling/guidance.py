@@ -35,7 +35,9 @@ class GuidanceSampler:
         e = 1.0 - k
         return (lo**e + u * (hi**e - lo**e)) ** (1.0 / e)
 
-    def sample(self, n: int, device: torch.device | str | None = None, generator: torch.Generator | None = None) -> Tensor:
+    def sample(
+        self, n: int, device: torch.device | str | None = None, generator: torch.Generator | None = None
+    ) -> Tensor:
         """n guidance scales, float32 [n]."""
         u = torch.rand(n, device=device, generator=generator, dtype=torch.float64)
         alpha = self.inverse_cdf(u)

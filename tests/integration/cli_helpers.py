@@ -1,23 +1,42 @@
-"""Run the `drifting` CLI in-process or as a subprocess, for integration tests."""
+"""Run the `drifting` CLI in-process (fast) or as a subprocess (the real entry point), for integration tests."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run_drifting(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`python -m drifting_lightning ARGS` in a subprocess with offline settings; returns the finished process."""
+@dataclass
+class Finished:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_drifting(*args: str) -> Finished:
+    """`drifting ARGS` in this process (``cli.main``); exit codes from SystemExit are returned, output captured."""
+    from drifting_lightning.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    return Finished(code, out.getvalue(), err.getvalue())
+
+
+def run_drifting_subprocess(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python -m drifting_lightning ARGS` in a subprocess with offline settings."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     return subprocess.run(
         [sys.executable, "-m", "drifting_lightning", *args],
-        cwd=cwd or REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip

@@ -7,14 +7,15 @@ from pathlib import Path
 
 import yaml
 
-from tests.integration.cli_helpers import REPO, run_drifting
+from tests.integration.cli_helpers import REPO, run_drifting, run_drifting_subprocess
 
 TOY = str(REPO / "configs" / "toy" / "checkerboard.yaml")
-FAST = ["--trainer.max_steps", "4", "--model.init_args.generated_per_group", "64", "--data.init_args.positives_per_step", "64"]
+FAST = ["--trainer.max_steps", "4", "--model.init_args.generated_per_group", "64",
+        "--data.init_args.positives_per_step", "64"]
 
 
 def test_list_prints_every_kind_with_docs_and_args():
-    out = run_drifting("list")
+    out = run_drifting_subprocess("list")  # the real entry point, once
     assert out.returncode == 0, out.stderr
     for name in ("kernels:", "Laplace", "Gaussian", "Cauchy", "fields:", "MeanShift", "MMD", "SinkhornDrift",
                  "generators:", "MLPGenerator", "DiT", "encoders:", "Identity", "data:", "ToyDataModule"):
