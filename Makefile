@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml constraints.txt
 data:
 	@test -d $(FASHION) || (command -v apt-get >/dev/null && (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1) || echo "note: could not install dataset-fashion-mnist (needs root + apt)"
 
+# One thread: the toy's tensors are small, and two OpenMP threads on a busy 2-core machine run many times slower.
 demo: install
-	$(BIN)/drifting fit --config configs/toy/checkerboard.yaml
+	OMP_NUM_THREADS=1 $(BIN)/drifting fit --config configs/toy/checkerboard.yaml
 	@echo "Samples: runs/checkerboard/version_*/samples_final.png  TensorBoard: $(BIN)/tensorboard --logdir runs"
 
 test: install
@@ -34,6 +35,7 @@ lint: install
 
 bench: install
 	$(BIN)/python benchmarks/drift_loss.py
+	$(BIN)/python benchmarks/sampling.py
 
 clean:
 	rm -rf runs .pytest_cache

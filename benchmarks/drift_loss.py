@@ -14,10 +14,15 @@ Two tables, forward + backward of one feature with 3 temperatures, median of sev
 Peak memory: every case runs in a fresh subprocess. On CPU the worker allocates its inputs, reads its resident set
 size (RSS, /proc/self/statm) as the baseline, resets the kernel's peak-RSS mark (``echo 5 > /proc/self/clear_refs``,
 so an earlier transient peak from imports does not hide the growth) and reports ru_maxrss at the end minus the
-baseline: the peak extra memory of the loss over its inputs. On CUDA it reports max_memory_allocated minus the
-memory allocated after the inputs. Chunk budget: ``max_chunk_elements`` x 4 bytes x LIVE_MATRICES, the [rows, N, T]
-float32 matrices the engine holds at once per chunk (loss.py: the distances d and one temperature's logits, which
-the field then overwrites in place; the feature-scale pass likewise holds d and d * w).
+baseline: the peak extra memory of the loss over its inputs, gradient included. On CUDA it reports
+max_memory_allocated minus the memory allocated after the inputs.
+
+Chunk budget: ``drifting_lightning.drift.loss.chunk_budget_bytes``, the bound the DriftingLoss docstring states:
+rows = max_chunk_elements // (N T) rows per chunk, each holding 3 [N, T] float32 matrices (distances, logits turned
+into coefficients, one log-sum-exp transient) and (T + 2 N) C float32 values (centred targets, one V, the chunk's
+force): 4 B x rows x (3 N T + (T + 2 N) C). Beyond it the loss keeps one float32 force buffer the size of gen until
+backward allocates the gradient (gen's size again), so the expected peak extra is about 2 x gen + budget; the table
+reports extra / gen, extra / budget and extra / (2 gen + budget).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LIVE_MATRICES = 2
+
 TEMPERATURES = (0.02, 0.05, 0.2)
 
 
@@ -81,8 +86,7 @@ def worker(spec: dict) -> dict:
     else:
 
         def step():
-            with device:  # the transcription builds its weights with factory defaults
-                authors_loss(gen, pos, neg, w, TEMPERATURES).backward()
+            authors_loss(gen, pos, neg, w, TEMPERATURES).backward()
 
     def sync():
         if device.type == "cuda":
@@ -109,7 +113,7 @@ def worker(spec: dict) -> dict:
         extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     input_bytes = sum(t.numel() * t.element_size() for t in (gen, pos, neg, w))
     return {**spec, "time": statistics.median(times), "times": times, "extra": max(extra, 0), "inputs": input_bytes,
-            "torch_threads": torch.get_num_threads()}
+            "gen": gen.numel() * gen.element_size(), "torch_threads": torch.get_num_threads()}
 
 
 def run_case(spec: dict) -> dict:
@@ -146,7 +150,7 @@ def _cpu_model() -> str:
 def _engine_version() -> str:
     drift = ROOT / "drifting_lightning" / "drift"
     digest = hashlib.sha256()
-    for name in ("functional.py", "fields.py", "kernels.py", "loss.py"):
+    for name in ("functional.py", "fields.py", "kernels.py", "loss.py", "reference.py"):
         digest.update((drift / name).read_bytes())
     return digest.hexdigest()[:12]
 
@@ -207,31 +211,42 @@ def main() -> None:
         print(f"| {c} | {ms(e)} | {ms(lit)} | {lit['time'] / e['time']:.1f}x "
               f"| {mb(e['extra'])} | {mb(lit['extra'])} |", flush=True)
 
+    sys.path.insert(0, str(ROOT))  # the engine's own definition of the budget, also when not installed
+    from drifting_lightning.drift.loss import chunk_budget_bytes
+
     c = 16 if quick else 256
-    budget = chunk * 4 * LIVE_MATRICES
-    print(f"\nPer-location feature map, C={c}, gen [G, N, L, C] with G={shape['G']}, max_chunk_elements={chunk:,} "
-          f"(chunk budget {mb(budget)} MB = elements x 4 B x {LIVE_MATRICES} live [rows, N, T] matrices)\n")
-    print("| G x L rows | ms (range) | rows/s | inputs MB | peak extra MB | extra / inputs | extra / chunk budget |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    n, t = shape["N"], shape["N"] + shape["M"] + shape["P"]
+    budget = chunk_budget_bytes(chunk, n, t, c)
+    rows_per_chunk = max(1, chunk // (n * t))
+    print(f"\nPer-location feature map, C={c}, gen [G, N, L, C] with G={shape['G']}, max_chunk_elements={chunk:,}: "
+          f"chunks of <= {rows_per_chunk:,} rows, chunk budget {mb(budget)} MB = 4 B x rows x (3 N T + (T + 2 N) C) "
+          f"with N={n}, T={t} (DriftingLoss docstring)\n")
+    print("| G x L rows | ms (range) | rows/s | inputs MB | gen MB | peak extra MB | extra / gen | extra / budget "
+          "| extra / (2 gen + budget) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     previous = None
     for loc in locations:
         spec = {**common, **shape, "C": c, "L": loc, "chunk": chunk, "impl": "engine"}
         rows = shape["G"] * loc
         inputs = 4 * rows * c * (shape["N"] + shape["P"] + shape["M"])
-        # Extra memory grows with the rows: extrapolate from the last case (or 10x the inputs) before trying.
-        needed = inputs + (previous["extra"] * rows / previous["rows"] if previous else 10 * inputs)
+        gen_bytes = 4 * rows * c * n
+        # Expected extra: force buffer + gradient + chunk budget; past cases calibrate it (the budget part does not
+        # grow with the rows, so scaling the whole extra by the rows overestimates: safe).
+        needed = inputs + (previous["extra"] * rows / previous["rows"] if previous else 2 * gen_bytes + budget)
         available = _available_bytes(args.device)
         if needed > 0.75 * available:  # leave room for whatever else runs on the machine
             print(f"| {shape['G']} x {loc} = {rows:,} | does not fit: needs about {mb(needed)} MB, "
-                  f"{mb(available)} MB available | | {mb(inputs)} | | | |", flush=True)
+                  f"{mb(available)} MB available | | {mb(inputs)} | {mb(gen_bytes)} | | | | |", flush=True)
             continue
         r = run_case(spec)
         if "error" in r:
-            print(f"| {shape['G']} x {loc} = {rows:,} | failed: {r['error']} | | {mb(inputs)} | | | |", flush=True)
+            print(f"| {shape['G']} x {loc} = {rows:,} | failed: {r['error']} | | {mb(inputs)} | {mb(gen_bytes)} "
+                  "| | | | |", flush=True)
             continue
         previous = {**r, "rows": rows}
         print(f"| {shape['G']} x {loc} = {rows:,} | {ms(r)} | {rows / r['time']:,.0f} | {mb(r['inputs'])} "
-              f"| {mb(r['extra'])} | {r['extra'] / r['inputs']:.2f} | {r['extra'] / budget:.1f} |", flush=True)
+              f"| {mb(r['gen'])} | {mb(r['extra'])} | {r['extra'] / r['gen']:.2f} | {r['extra'] / budget:.2f} "
+              f"| {r['extra'] / (2 * r['gen'] + budget):.2f} |", flush=True)
     threads = previous["torch_threads"] if previous else "?"
     print(f"\ntorch threads {threads}" + (f", load average {os.getloadavg()[0]:.1f} at the end; peak extra = ru_maxrss "
           "after the runs - RSS after allocating the inputs (peak mark reset there)" if args.device == "cpu" else ""))

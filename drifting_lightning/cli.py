@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import sys
@@ -77,7 +78,17 @@ def list_components(argv: Sequence[str]) -> int:
 
 
 def _tool_commands() -> dict[str, Callable[[Sequence[str]], int]]:
-    return {"list": list_components}
+    # Imported on use: each tool command pulls in only what it needs.
+    def lazy(module: str) -> Callable[[Sequence[str]], int]:
+        return lambda argv: importlib.import_module(module).main(argv)
+
+    return {
+        "list": list_components,
+        "sample": lazy("drifting_lightning.commands.sample"),
+        "evaluate": lazy("drifting_lightning.commands.evaluate"),
+        "export": lazy("drifting_lightning.commands.export"),
+        "encode-latents": lazy("drifting_lightning.data.latents"),
+    }
 
 
 def check_config_files(argv: Sequence[str]) -> None:

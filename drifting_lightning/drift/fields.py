@@ -20,7 +20,8 @@ Normalization = Literal["both", "targets", "none"]
 class DriftField:
     """Base class. ``coefficients(logits, n_neg, column_weights)`` -> W [G, N, T], negatives signed negative.
 
-    A field may overwrite ``logits`` (it is a temporary of the engine). logits: [G, N, T] kernel logits (masked self-pairs already set very negative when ``masks_self``);
+    A field may overwrite ``logits`` (it is a temporary of the engine). logits: [G, N, T] kernel logits, masked
+    self-pairs already set to the dtype's lowest finite value when ``masks_self`` (functional.mask_self_pairs);
     column_weights: [G, T] kernel weights of the targets (the guidance weight w on extra negatives) or None.
     """
 
@@ -32,6 +33,14 @@ class DriftField:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"{type(self).__name__}({args})"
+
+
+def _logsumexp(x: Tensor, dim: int) -> Tensor:
+    """torch.logsumexp(x, dim, keepdim=True), same algorithm (shift by the max, an infinite max shifted by 0), with
+    one temporary the size of x instead of two (x - max, then its exp): the engine budgets [rows, N, T] matrices."""
+    m = x.amax(dim, keepdim=True)
+    m.masked_fill_(m.isinf(), 0.0)
+    return (x - m).exp_().sum(dim, keepdim=True).log_().add_(m)
 
 
 def _cross_weight_(a: Tensor, n_neg: int, attraction: float, repulsion: float) -> Tensor:
@@ -75,8 +84,8 @@ class MeanShift(DriftField):
         if self.normalization == "both":
             # sqrt(softmax_targets * softmax_rows) = exp(l - (lse_targets + lse_rows) / 2), one matrix, in place;
             # the floor on the product becomes a floor of log(floor) / 2 on its logarithm.
-            lse_targets = logits.logsumexp(dim=-1, keepdim=True).mul_(0.5)
-            lse_rows = logits.logsumexp(dim=-2, keepdim=True).mul_(0.5)
+            lse_targets = _logsumexp(logits, -1).mul_(0.5)
+            lse_rows = _logsumexp(logits, -2).mul_(0.5)
             log_a = logits.sub_(lse_targets).sub_(lse_rows)
             if self.affinity_floor > 0:
                 log_a.clamp_min_(0.5 * math.log(self.affinity_floor))
@@ -100,13 +109,16 @@ class MMD(DriftField):
     """
 
     def coefficients(self, logits: Tensor, n_neg: int, column_weights: Tensor | None = None) -> Tensor:
-        k = logits.exp()
+        k = logits.exp_()  # in place, like MeanShift: one [G, N, T] matrix
         if column_weights is None:
             column_weights = torch.ones(k.shape[0], k.shape[-1], dtype=k.dtype, device=k.device)
-        k = k * column_weights.unsqueeze(-2)
+        else:
+            k.mul_(column_weights.unsqueeze(-2))
         neg_mass = column_weights[:, :n_neg].sum(-1).clamp_min(1e-12)[:, None, None]
         pos_mass = column_weights[:, n_neg:].sum(-1).clamp_min(1e-12)[:, None, None]
-        return torch.cat([k[..., :n_neg] / -neg_mass, k[..., n_neg:] / pos_mass], dim=-1)
+        k[..., :n_neg].div_(-neg_mass)
+        k[..., n_neg:].div_(pos_mass)
+        return k
 
 
 class SinkhornDrift(DriftField):

@@ -2,26 +2,45 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from drifting_lightning.drift.fields import DriftField, MeanShift, Normalization
 from drifting_lightning.drift.kernels import Kernel, Laplace
 
-# Finite, so a row or column whose every entry is masked softmaxes to uniform instead of NaN.
-MASKED_LOGIT = -1e9
-
 
 def mask_self_pairs(logits: Tensor) -> Tensor:
-    """Mask x_i against itself in place: logits [G, N, T] whose first N columns are the generated rows."""
+    """Mask x_i against itself in place: logits [G, N, T] whose first N columns are the generated rows.
+
+    The mask is the dtype's lowest finite value, below every kernel logit (a constant such as -1e9 is not: Gaussian
+    logits of points 1e4 apart at tau = 0.05 are -2e10, and the self-pair would win). Finite on purpose: a column whose
+    only entry is masked (N = 1, no extra negatives) log-sum-exps to the mask itself, and the steps after it in
+    fields.py (mask - log-sum-exps, then exp) stay finite or underflow to 0, where an -inf mask would give
+    -inf - (-inf) = NaN. Log-sum-exps of unmasked entries are at most log T (every kernel logit is <= 0), far too
+    small to push the mask past the float range.
+    """
     n = logits.shape[-2]
-    logits[..., :n].diagonal(dim1=-2, dim2=-1).fill_(MASKED_LOGIT)
+    logits[..., :n].diagonal(dim1=-2, dim2=-1).fill_(torch.finfo(logits.dtype).min)
     return logits
 
 
 def apply_coefficients(coef: Tensor, x: Tensor, targets: Tensor) -> Tensor:
-    """V = W @ Y - rowsum(W) * x for coef [G, N, T], x [G, N, D], targets [G, T, D] -> [G, N, D]."""
-    return torch.baddbmm(x * -coef.sum(-1, keepdim=True), coef, targets)
+    """V = W @ Y - rowsum(W) * x for coef [G, N, T], x [G, N, D], targets [G, T, D] -> [G, N, D].
+
+    One [G, N, D] result: the rowsum term is allocated once and the product is added into it in place.
+    """
+    return (x * -coef.sum(-1, keepdim=True)).baddbmm_(coef, targets)
+
+
+def is_temperature(value: object) -> bool:
+    """True for a finite number > 0. NaN fails every comparison, so a bare ``t <= 0`` check lets it through."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, RuntimeError):
+        return False
+    return math.isfinite(number) and number > 0
 
 
 def _as_grouped(name: str, t: Tensor) -> Tensor:
@@ -61,6 +80,8 @@ def drift_field(
         )
     if mask_self and y_neg.shape[1] < x.shape[1]:
         raise ValueError(f"mask_self needs y_neg to start with x: y_neg has {y_neg.shape[1]} rows, x has {x.shape[1]}")
+    if not is_temperature(temperature):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
     kernel = kernel if kernel is not None else Laplace()
     field = field if field is not None else MeanShift(normalization)
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):

@@ -1,9 +1,15 @@
 """DriftingLoss: feature dict -> loss, with feature scale, several temperatures and drift normalisation (PAPER.md 3).
 
-Per feature set of dimension C the engine regroups samples to rows [G*L, N, C] (G class groups x L locations),
-computes one distance matrix per row against cat(generated, extra negatives, positives), derives every temperature's
-field from it, normalises, and returns one MSE against the stop-gradient target gen + V. All drift math runs in
-float32 with autocast off and without gradients; only the final MSE carries gradient to the generated features.
+Per feature set of dimension C the engine sees rows (G class groups x L locations), each row N generated samples
+against T = N + M + P targets (the generated samples, extra negatives, positives), and walks over chunks of rows in
+up to three passes, in float32 with autocast off and without gradients:
+1. feature scale S (A.6): the weighted mean distance, summed chunk by chunk;
+2. drift normalisation lambda (A.6): sums of V^2 per temperature, V derived from the chunk's one distance matrix
+   and dropped;
+3. the force F = sum over tau of V_tau / lambda_tau (V recomputed per chunk), into ONE float32 buffer shaped like the
+   generated features.
+The loss MSE(gen / s_in, sg(gen / s_in + F)) is then known without building it: its value is mean F^2 and its
+gradient -2 F / (s_in numel) (``_DriftMSE``), so no prediction or target tensor is kept.
 """
 
 from __future__ import annotations
@@ -15,14 +21,30 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from drifting_lightning.drift.fields import DriftField, MeanShift
-from drifting_lightning.drift.functional import apply_coefficients, mask_self_pairs
+from drifting_lightning.drift.functional import apply_coefficients, is_temperature, mask_self_pairs
 from drifting_lightning.drift.kernels import Kernel, Laplace
 
 FeatureDict = Mapping[str, Tensor]
+
+# [rows, N, T] float32 matrices alive at once per chunk: the distances, one temperature's logits (turned into the
+# coefficients in place by MeanShift) and one transient inside the field's log-sum-exp (or a kernel's square).
+LIVE_MATRICES = 3
+# Up to this many channels, distances come from per-channel differences (exact) instead of the matrix product.
+DIRECT_CHANNELS = 8
+
+
+def chunk_budget_bytes(max_chunk_elements: int, n: int, t: int, c: int) -> int:
+    """Upper bound on the working memory of one chunk, in bytes, for N generated samples, T targets, C channels.
+
+    rows = max(1, max_chunk_elements // (N T)); per row LIVE_MATRICES [N, T] matrices plus (T + 2 N) C values: the
+    centred targets [T, C] (generated samples first), one temperature's V [N, C] and the chunk's force [N, C].
+    """
+    rows = max(1, max_chunk_elements // (n * t))
+    return 4 * rows * (LIVE_MATRICES * n * t + (t + 2 * n) * c)
 
 
 @dataclass
@@ -34,15 +56,40 @@ class DriftLossOutput:
 
 
 @dataclass
-class _Rows:
-    """One feature regrouped to rows: gen [R, N, C], targets' pieces, column weights [R, T] and stat ids [R]."""
+class _Chunk:
+    """Rows of one chunk: class groups x locations, their stat ids [rows] and column weights [rows, T] (or None)."""
 
-    gen: Tensor
-    neg: Tensor | None
-    pos: Tensor
-    weights: Tensor | None
+    groups: slice
+    locs: slice
     stat_ids: Tensor
-    n_stats: int
+    weights: Tensor | None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.groups.stop - self.groups.start, self.locs.stop - self.locs.start
+
+
+class _DriftMSE(torch.autograd.Function):
+    """MSE(gen / s_in, sg(gen / s_in + F)) from its value and F alone (PAPER.md 1: the stop-gradient loss).
+
+    forward(gen, value, force, grad_scale) returns the precomputed value; backward returns grad_scale * F times the
+    incoming gradient, with grad_scale = -2 / (s_in numel), in gen's dtype and strides. The force buffer is saved
+    through save_for_backward, so it is freed as soon as backward has run.
+    """
+
+    @staticmethod
+    def forward(ctx, gen: Tensor, value: Tensor, force: Tensor, grad_scale: Tensor) -> Tensor:
+        ctx.save_for_backward(force, grad_scale)
+        ctx.gen_dtype = gen.dtype
+        return value.clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        force, grad_scale = ctx.saved_tensors
+        grad = torch.empty_like(force, dtype=ctx.gen_dtype)
+        torch.mul(force, grad_scale * grad_output, out=grad)  # computed in float32, rounded once into gen's dtype
+        return grad, None, None, None
 
 
 class DriftingLoss(nn.Module):
@@ -55,7 +102,19 @@ class DriftingLoss(nn.Module):
     against the summed field (authors' code, default). statistics: "batch" shares S and lambda over all groups (code),
     "group" keeps one per class group (all locations of a group always share them). distributed_statistics:
     all-reduce S and lambda sums over ranks in "batch" mode so results do not depend on the number of ranks.
-    max_chunk_elements: bound on the elements of one [rows, N, T] matrix; rows are processed in chunks under it.
+    mask_self: mask each generated sample against itself (paper Alg. 2), for the fields that ask for it.
+
+    Memory. max_chunk_elements bounds rows x N x T, the elements of ONE [rows, N, T] distance matrix; rows (whole
+    class groups when all L locations of a group fit, else locations of one group; at least one row) are processed
+    in chunks under it. Per chunk at most LIVE_MATRICES = 3 such float32 matrices are alive (the distances, one
+    temperature's logits that MeanShift turns into coefficients in place, one transient of its log-sum-exp) and
+    (T + 2 N) x C float32 values per row: the centred targets [rows, T, C] (generated samples first), one
+    temperature's V [rows, N, C] and the chunk's force [rows, N, C]. So the chunk budget is
+    ``chunk_budget_bytes`` = 4 B x rows x (3 N T + (T + 2 N) C). Beyond it the loss holds one float32 force buffer
+    the size of the generated features from the forward to the backward, which allocates the gradient, and small
+    per-row vectors. Other fields (MMD, Sinkhorn) hold a few more [rows, N, T] temporaries. With a single chunk the
+    targets and distances are kept across the passes; with no bound (None, one chunk of all rows) every
+    temperature's V is kept from pass 2 to pass 3 too, trading T [R, N, C] buffers for the recomputation.
     """
 
     def __init__(
@@ -72,8 +131,10 @@ class DriftingLoss(nn.Module):
         mask_self: bool = True,
     ) -> None:
         super().__init__()
-        if not temperatures or any(t <= 0 for t in temperatures):
-            raise ValueError(f"temperatures must be a non-empty list of positive numbers, got {list(temperatures)}")
+        if not temperatures or not all(is_temperature(t) for t in temperatures):
+            raise ValueError(
+                f"temperatures must be a non-empty list of positive finite numbers, got {list(temperatures)}"
+            )
         if statistics not in ("batch", "group"):
             raise ValueError(f"statistics must be 'batch' or 'group', got {statistics!r}")
         if max_chunk_elements is not None and max_chunk_elements < 1:
@@ -129,74 +190,133 @@ class DriftingLoss(nn.Module):
     def _feature_loss(
         self, name: str, gen: Tensor, pos: Tensor, neg: Tensor | None, neg_weights: Tensor | None
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        rows = _regroup(name, gen, pos, neg, neg_weights, per_group=self.statistics == "group")
-        r, n, c = rows.gen.shape
-        n_neg = n + (0 if rows.neg is None else rows.neg.shape[1])
-        t = n_neg + rows.pos.shape[1]
-        chunk = r if self.max_chunk_elements is None else max(1, self.max_chunk_elements // (n * t))
-        bounds = [(a, min(a + chunk, r)) for a in range(0, r, chunk)]
-        with torch.no_grad(), torch.autocast(rows.gen.device.type, enabled=False):
-            x = rows.gen.detach().float()
+        weights = _check(name, gen, pos, neg, neg_weights)
+        parts = [_locations(t) for t in ([gen.detach(), pos] if neg is None else [gen.detach(), neg, pos])]
+        g, n, loc, c = parts[0].shape
+        t = sum(part.shape[1] for part in parts)
+        n_neg = t - pos.shape[1]
+        r, n_stats, taus = g * loc, (g if self.statistics == "group" else 1), self.temperatures
+        device, f32 = gen.device, torch.float32
+        chunks = self._chunks(g, loc, r if self.max_chunk_elements is None else self.max_chunk_elements // (n * t),
+                              weights, device)
+        need_grad = gen.requires_grad and torch.is_grad_enabled()
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            # One chunk: its targets and distances serve every pass ("all temperatures from one cdist").
+            cache: list[tuple[Tensor, Tensor]] = []
 
-            def targets(a: int, b: int) -> Tensor:
-                parts = [x[a:b]] + ([] if rows.neg is None else [rows.neg[a:b].float()]) + [rows.pos[a:b].float()]
-                return torch.cat(parts, dim=1)
+            def prepared(ch: _Chunk) -> tuple[Tensor, Tensor]:
+                if cache:
+                    return cache[0]
+                y = _targets(parts, ch, n)
+                y_d = (y, _distances(y, n))
+                if len(chunks) == 1:
+                    cache.append(y_d)
+                return y_d
 
-            # A.6 feature normalisation: S = weighted mean distance, under stop-gradient, from the current batch.
-            cached: Tensor | None = None
-            ones = torch.ones(rows.n_stats, dtype=torch.float32, device=x.device)
+            # Pass 1, A.6 feature normalisation: S = weighted mean distance, under stop-gradient, from the batch.
+            ones = torch.ones(n_stats, dtype=f32, device=device)
             if self.feature_normalization:
                 dw_sum, w_sum = torch.zeros_like(ones), torch.zeros_like(ones)
-                for a, b in bounds:
-                    d = torch.cdist(x[a:b], targets(a, b))
-                    w = rows.weights[a:b] if rows.weights is not None else torch.ones_like(d[:, 0])
-                    dw_sum.index_add_(0, rows.stat_ids[a:b], (d * w.unsqueeze(1)).sum((1, 2)))
-                    w_sum.index_add_(0, rows.stat_ids[a:b], w.sum(-1) * n)
-                    cached = d if len(bounds) == 1 else None
+                for ch in chunks:
+                    column_sums = prepared(ch)[1].sum(1)  # [rows, T]
+                    rows_w = column_sums.new_full((1, t), 1.0) if ch.weights is None else ch.weights
+                    dw_sum.index_add_(0, ch.stat_ids, (column_sums * rows_w).sum(-1))
+                    w_sum.index_add_(0, ch.stat_ids, rows_w.sum(-1).expand(len(ch.stat_ids)) * n)
                 dw_sum, w_sum = self._reduce(dw_sum, w_sum)
                 scale = dw_sum / w_sum
+                s_in = (scale / math.sqrt(c)).clamp_min(1e-3)
             else:
-                scale = ones
-            s_in = (scale / math.sqrt(c)).clamp_min(1e-3) if self.feature_normalization else ones
+                scale = s_in = ones
             d_div = scale.clamp_min(1e-3)
-            s_in_rows, d_div_rows = s_in[rows.stat_ids], d_div[rows.stat_ids]
 
-            fields = torch.empty((len(self.temperatures), r, n, c), dtype=torch.float32, device=x.device)
-            sq = torch.zeros(len(self.temperatures), rows.n_stats, dtype=torch.float32, device=x.device)
-            raw_sq = torch.zeros(len(self.temperatures), dtype=torch.float32, device=x.device)
-            for a, b in bounds:
-                ys = targets(a, b)
-                d = cached if cached is not None else torch.cdist(x[a:b], ys)
-                ys = ys / s_in_rows[a:b, None, None]
-                xs = ys[:, :n]
-                w = None if rows.weights is None else rows.weights[a:b]
-                for k, tau in enumerate(self.temperatures):
+            def temperature_fields(ch: _Chunk):
+                """V [rows, N, C] per temperature in feature units: V of x / s_in is V / s_in, so the features
+                need no scaled copy and lambda is taken on V / s_in."""
+                y, d = prepared(ch)
+                for tau in taus:
                     # Kernels depend on d / tau only, so k(d / S, tau) = k(d, tau * S): no normalised copy of d.
-                    logits = self.kernel.logits(d, d_div_rows[a:b, None, None] * tau)
-                    if self.mask_self and self.field.masks_self:
-                        mask_self_pairs(logits)
-                    v = apply_coefficients(self.field.coefficients(logits, n_neg, w), xs, ys)
-                    fields[k, a:b] = v
-                    v_sq = v.square().sum((1, 2))
-                    sq[k].index_add_(0, rows.stat_ids[a:b], v_sq)
-                    raw_sq[k] += (v_sq * s_in_rows[a:b].square()).sum()
-            counts = torch.zeros_like(ones).index_add_(0, rows.stat_ids, torch.full_like(s_in_rows, n * c))
-            sq, counts = self._reduce(sq, counts)
-            # A.6 drift normalisation: lambda = sqrt(mean V^2), so that E||V~||^2 / C = 1 per temperature.
-            lam = (sq / counts).clamp_min(1e-8).sqrt() if self.drift_normalization else torch.ones_like(sq)
-            fields /= lam[:, rows.stat_ids, None, None]
-            x_scaled = x / s_in_rows[:, None, None]
+                    yield self._field(d, y, n, n_neg, d_div[ch.stat_ids, None, None] * tau, ch.weights)
 
-        prediction = rows.gen.float() / s_in_rows[:, None, None]
-        if self.loss_per_temperature:
-            loss = sum(F.mse_loss(prediction, x_scaled + v) for v in fields)
-        else:
-            loss = F.mse_loss(prediction, x_scaled + fields.sum(0))
+            # Pass 2, A.6 drift normalisation: lambda_tau = sqrt(mean (V_tau / s_in)^2) per stat group.
+            raw_sq = torch.zeros(len(taus), n_stats, dtype=f32, device=device)  # this rank's sum of V^2
+            kept: list[Tensor] = []
+            if self.drift_normalization:
+                for ch in chunks:
+                    for k, v in enumerate(temperature_fields(ch)):
+                        raw_sq[k].index_add_(0, ch.stat_ids, _sq_norms(v))
+                        if len(chunks) == 1 and self.max_chunk_elements is None:
+                            kept.append(v)
+                        del v
+                counts = torch.full_like(ones, r // n_stats * n * c)
+                sq, counts = self._reduce(raw_sq, counts)
+                lam = (sq / (counts * s_in.square())).clamp_min(1e-8).sqrt()
+            else:
+                lam = torch.ones(len(taus), n_stats, dtype=f32, device=device)
+            if kept:
+                cache.clear()
+
+            # Pass 3: F = sum_tau V_tau / (s_in lambda_tau), in normalised units, one chunk at a time.
+            factor = 1 / (s_in * lam)  # [temperatures, stat groups]
+            force = torch.empty_like(gen, dtype=f32) if need_grad else None
+            force_loc = None if force is None else _locations(force)
+            f_sq = torch.zeros((), dtype=f32, device=device)
+            for ch in chunks:
+                f_c: Tensor | None = None
+                for k, v in enumerate((kept.pop(0) for _ in taus) if kept else temperature_fields(ch)):
+                    if not self.drift_normalization:
+                        raw_sq[k].index_add_(0, ch.stat_ids, _sq_norms(v))
+                    f_rows = factor[k, ch.stat_ids, None, None]
+                    f_c = v.mul_(f_rows) if f_c is None else f_c.addcmul_(v, f_rows)
+                    del v
+                f_sq += _sq_norms(f_c).sum()
+                if force_loc is not None:
+                    gs, ls = ch.shape
+                    force_loc[ch.groups, :, ch.locs].copy_(f_c.view(gs, ls, n, c).transpose(1, 2))
+                del f_c
+            cache.clear()
+
+            numel = gen.numel()
+            # Table 8: sum_tau mean(V~_tau^2), one MSE per temperature; authors' code: mean(F^2), one MSE against
+            # the summed field.
+            value = (raw_sq * factor.square()).sum() / numel if self.loss_per_temperature else f_sq / numel
+            # Both readings have the gradient of the MSE against the summed field: d/dgen = -2 F / (s_in numel).
+            grad_scale = (-2.0 / numel / s_in).view(-1, *([1] * (gen.dim() - 1)))
+
+        loss = _DriftMSE.apply(gen, value, force, grad_scale) if need_grad else value
         stats = {"scale": scale.mean()}
-        for k, tau in enumerate(self.temperatures):
+        for k, tau in enumerate(taus):
             stats[f"lambda/tau{tau:g}"] = lam[k].mean()
-            stats[f"drift_sq_norm/tau{tau:g}"] = raw_sq[k] / (r * n)
+            stats[f"drift_sq_norm/tau{tau:g}"] = raw_sq[k].sum() / (r * n)
         return loss, stats
+
+    def _field(self, d: Tensor, y: Tensor, n: int, n_neg: int, temperature: Tensor, weights: Tensor | None) -> Tensor:
+        """One temperature's V [rows, N, C] from distances d [rows, N, T] and targets y [rows, T, C]; the logits and
+        coefficients die with this frame, so at most one [rows, N, T] matrix outlives a temperature (d)."""
+        logits = self.kernel.logits(d, temperature)
+        if self.mask_self and self.field.masks_self:
+            mask_self_pairs(logits)
+        coef = self.field.coefficients(logits, n_neg, weights)
+        del logits
+        return apply_coefficients(coef, y[:, :n], y)  # Alg. 2: V = W @ Y - rowsum(W) x
+
+    def _chunks(self, g: int, loc: int, rows: int, weights: Tensor | None, device: torch.device) -> list[_Chunk]:
+        """Chunks of at most ``rows`` rows (at least one): whole class groups if a group's locations fit, else
+        locations of one group, so that every chunk is a plain slice of the [G, K, L, C] features."""
+        rows = max(1, rows)
+        if rows >= loc:
+            step = rows // loc
+            spans = [(slice(a, min(a + step, g)), slice(0, loc)) for a in range(0, g, step)]
+        else:
+            spans = [(slice(a, a + 1), slice(b, min(b + rows, loc))) for a in range(g) for b in range(0, loc, rows)]
+        chunks = []
+        for groups, locs in spans:
+            ls = locs.stop - locs.start
+            ids = torch.arange(groups.start, groups.stop, device=device).repeat_interleave(ls)
+            if self.statistics == "batch":
+                ids = torch.zeros_like(ids)
+            w = None if weights is None else weights[groups].repeat_interleave(ls, dim=0)
+            chunks.append(_Chunk(groups, locs, ids, w))
+        return chunks
 
     def _reduce(self, *sums: Tensor) -> tuple[Tensor, ...]:
         if not (self.distributed_statistics and self.statistics == "batch"):
@@ -212,9 +332,59 @@ def _as_dict(x: Tensor | FeatureDict) -> dict[str, Tensor]:
     return {"x": x} if isinstance(x, Tensor) else dict(x)
 
 
-def _regroup(
-    name: str, gen: Tensor, pos: Tensor, neg: Tensor | None, neg_weights: Tensor | None, per_group: bool
-) -> _Rows:
+def _locations(t: Tensor) -> Tensor:
+    """[G, K, C] -> [G, K, 1, C] view; [G, K, L, C] as is."""
+    return t.unsqueeze(2) if t.dim() == 3 else t
+
+
+def _targets(parts: list[Tensor], ch: _Chunk, n: int) -> Tensor:
+    """Centred float32 targets [rows, T, C] of one chunk: cat(gen, neg, pos) along samples, row = (group, location).
+
+    The layout change [G, K, L, C] -> rows happens here, per chunk, in the one copy that also converts to float32.
+    Centring on the generated mean changes neither distances nor V (both translation invariant) but keeps
+    ||x||^2 + ||y||^2 - 2 x.y from cancelling away the digits of features with a large common offset.
+    """
+    gs, ls = ch.shape
+    t, c = sum(p.shape[1] for p in parts), parts[0].shape[-1]
+    y = torch.empty(gs, ls, t, c, dtype=torch.float32, device=parts[0].device)
+    start = 0
+    for part in parts:
+        k = part.shape[1]
+        y[:, :, start : start + k].copy_(part[ch.groups, :, ch.locs].transpose(1, 2))
+        start += k
+    y = y.view(gs * ls, t, c)
+    return y.sub_(y[:, :n].mean(1, keepdim=True))
+
+
+def _distances(y: Tensor, n: int) -> Tensor:
+    """Plain L2 distances [rows, N, T] of the first N targets (the generated samples) to all T targets [rows, T, C].
+
+    Up to DIRECT_CHANNELS channels: sum_c (x_c - y_c)^2, one channel at a time, exact for close points, where the
+    product form loses digits (1-D, 2-D toy data). Beyond: ||x||^2 + ||y||^2 - 2 x.y in one matrix, the product
+    added in place (torch.cdist's matmul path would copy both sides padded with norms and ones); x_i to itself is
+    exactly 0.
+    """
+    rows, t, c = y.shape
+    if c <= DIRECT_CHANNELS:
+        d = y.new_zeros(rows, n, t)
+        for k in range(c):
+            diff = y[:, :n, k, None] - y[:, None, :, k]
+            d.addcmul_(diff, diff)
+        return d.sqrt_()
+    sq = torch.linalg.vector_norm(y, dim=-1).square_()
+    d = (sq[:, :n, None] + sq[:, None, :]).baddbmm_(y[:, :n], y.transpose(1, 2), alpha=-2)
+    d = d.clamp_min_(0).sqrt_()
+    d[:, :, :n].diagonal(dim1=1, dim2=2).zero_()
+    return d
+
+
+def _sq_norms(v: Tensor) -> Tensor:
+    """sum of v^2 per row of v [rows, N, C] -> [rows], without a [rows, N, C] temporary (norms over C, then a sum)."""
+    return torch.linalg.vector_norm(v, dim=-1).square_().sum(-1)
+
+
+def _check(name: str, gen: Tensor, pos: Tensor, neg: Tensor | None, neg_weights: Tensor | None) -> Tensor | None:
+    """Validates one feature's shapes; returns the column weights [G, T] = cat(ones(N), w, ones(P)) or None."""
     shapes = f"gen {tuple(gen.shape)}, pos {tuple(pos.shape)}" + ("" if neg is None else f", neg {tuple(neg.shape)}")
     if gen.dim() not in (3, 4):
         raise ValueError(f"feature {name!r}: gen must be [G, N, C] or [G, N, L, C], got {shapes}")
@@ -227,26 +397,15 @@ def _regroup(
     for other in [pos] + ([] if neg is None else [neg]):
         if other.shape[0] != gen.shape[0] or other.shape[2:] != gen.shape[2:]:
             raise ValueError(f"feature {name!r}: groups, locations and channels must agree, got {shapes}")
-    g = gen.shape[0]
-    loc = gen.shape[2] if gen.dim() == 4 else 1
-
-    def rows(t: Tensor) -> Tensor:
-        return t.transpose(1, 2).reshape(g * loc, t.shape[1], t.shape[-1]) if t.dim() == 4 else t
-
-    weights = None
-    if neg is not None:
-        m, n, p = neg.shape[1], gen.shape[1], pos.shape[1]
+    if neg is None:
+        if neg_weights is not None:
+            raise ValueError("neg_weights given without neg")
+        return None
+    g, m, n, p = gen.shape[0], neg.shape[1], gen.shape[1], pos.shape[1]
+    with torch.no_grad():
         w = torch.ones(g, m, device=gen.device) if neg_weights is None else neg_weights.float().to(gen.device)
         if w.dim() == 1:
             w = w.unsqueeze(1).expand(g, m)
         if w.shape != (g, m):
             raise ValueError(f"neg_weights must be [G] or [G, M] = [{g}] or [{g}, {m}], got {tuple(w.shape)}")
-        w = torch.cat([torch.ones(g, n, device=w.device), w, torch.ones(g, p, device=w.device)], dim=1)
-        weights = w.repeat_interleave(loc, dim=0)
-    elif neg_weights is not None:
-        raise ValueError("neg_weights given without neg")
-    if per_group:
-        stat_ids = torch.arange(g, device=gen.device).repeat_interleave(loc)
-    else:
-        stat_ids = torch.zeros(g * loc, dtype=torch.long, device=gen.device)
-    return _Rows(rows(gen), None if neg is None else rows(neg), rows(pos), weights, stat_ids, g if per_group else 1)
+        return torch.cat([torch.ones(g, n, device=w.device), w, torch.ones(g, p, device=w.device)], dim=1)

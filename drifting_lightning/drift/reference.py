@@ -14,12 +14,15 @@ from torch import Tensor
 
 
 def algorithm2(x: Tensor, y_pos: Tensor, y_neg: Tensor, temperature: float, mask_self: bool = True) -> Tensor:
-    """Paper Alg. 2 for one group, as printed (no affinity floor). x [N, D], y_pos [Np, D], y_neg [Nn, D] -> V [N, D]."""
+    """Paper Alg. 2 for one group, as printed (no affinity floor).
+
+    x [N, D], y_pos [Np, D], y_neg [Nn, D] -> V [N, D], on the device of x.
+    """
     d_pos = torch.cdist(x, y_pos)
     d_neg = torch.cdist(x, y_neg)
     if mask_self:
         n = x.shape[0]
-        d_neg = d_neg + torch.eye(n, y_neg.shape[0]) * 1e6
+        d_neg = d_neg + torch.eye(n, y_neg.shape[0], dtype=d_neg.dtype, device=d_neg.device) * 1e6
     logit = torch.cat([-d_pos, -d_neg], dim=1) / temperature
     a = torch.sqrt(logit.softmax(dim=-1) * logit.softmax(dim=-2))
     a_pos, a_neg = a[:, : y_pos.shape[0]], a[:, y_pos.shape[0] :]
@@ -37,12 +40,13 @@ def authors_loss(
 ) -> Tensor:
     """The authors' loss for one feature: gen [G, N, C], pos [G, P, C], neg [G, M, C], w_neg [G, M] -> scalar.
 
-    The per-group losses are averaged over groups (the batch mean the training step takes).
+    The per-group losses are averaged over groups (the batch mean the training step takes). Runs on gen's device.
     """
     g_count, n, c = gen.shape
     x = gen.detach()
     targets = torch.cat([x, neg, pos], dim=1)
-    w = torch.cat([torch.ones(g_count, n), w_neg, torch.ones(g_count, pos.shape[1])], dim=1)
+    ones = {"dtype": w_neg.dtype, "device": gen.device}
+    w = torch.cat([torch.ones(g_count, n, **ones), w_neg.to(gen.device), torch.ones(g_count, pos.shape[1], **ones)], 1)
     d = torch.stack([torch.cdist(x[g], targets[g]) for g in range(g_count)])
     w3 = w[:, None, :].expand_as(d)
     s = (d * w3).mean() / w3.mean()  # one scalar over all groups, rows and columns

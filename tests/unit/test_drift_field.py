@@ -245,6 +245,18 @@ def test_self_pair_stays_masked_for_a_flat_kernel(kernel):
 # Numerics.
 
 
+def test_logsumexp_with_one_temporary_equals_torchs():
+    """fields._logsumexp (one temporary instead of two) is torch.logsumexp, masked and infinite entries included."""
+    from drifting_lightning.drift.fields import _logsumexp
+
+    x = randn(3, 5, 7, seed=20, scale=30.0)
+    x[0, 1, 2] = torch.finfo(torch.float32).min
+    x[1, :, 3] = torch.finfo(torch.float32).min  # a whole column masked
+    x[2, 4, :] = -math.inf  # a whole row at -inf
+    for dim in (-1, -2):
+        torch.testing.assert_close(_logsumexp(x, dim), x.logsumexp(dim, keepdim=True), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", list(FIELDS))
 def test_degenerate_inputs_stay_finite(name):
     field = FIELDS[name]

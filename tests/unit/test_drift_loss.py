@@ -96,6 +96,22 @@ def test_matches_the_authors_loss_at_the_ablation_shape():
     close(grad, ref_grad)
 
 
+@pytest.mark.parametrize("c", [2, 32])
+def test_features_far_from_the_origin_keep_their_digits(c):
+    """A common offset (post-activation features, latents with a mean) must not cost accuracy: distances come from
+    features centred per row, so the float32 engine still matches the float64 transcription (plain ||x||^2 + ||y||^2
+    - 2 x.y on the raw features loses ~1e-2 of the gradient at offset 200)."""
+    gen, pos, neg, w = make(3, 40, 40, 10, c, seed=13)
+    offset = 200.0
+    gen = (gen.detach() + offset).requires_grad_()
+    value, grad, _ = value_and_grad(DriftingLoss(), gen, pos + offset, neg + offset, w)
+    gen64 = gen.detach().double().requires_grad_()
+    ref_value, ref_grad, _ = value_and_grad(authors_loss, gen64, (pos + offset).double(), (neg + offset).double(),
+                                            w.double())
+    close(value.double(), ref_value, 1e-5)
+    close(grad.double(), ref_grad, 1e-5)
+
+
 # Gradient and value.
 
 
@@ -133,6 +149,35 @@ def test_no_gradient_flows_through_the_target():
     DriftingLoss()(gen, pos, neg, w).loss.backward()
     assert gen.grad is not None and gen.grad.abs().sum() > 0
     assert pos.grad is None and neg.grad is None and w.grad is None
+
+
+def test_the_graph_keeps_one_force_buffer_and_no_targets():
+    """Only F (float32, gen's size) and a per-group scale wait for backward: no prediction, target or field stack."""
+    gen, pos, neg, w = make(3, 6, 5, 2, 8, seed=12, loc=4)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = DriftingLoss()(gen, pos, neg, w).loss
+    assert gen.numel() * 4 <= sum(saved) <= gen.numel() * 4 + 64, saved
+    (grad,) = torch.autograd.grad(loss, gen)
+    assert grad.shape == gen.shape and torch.isfinite(grad).all()
+
+
+def test_gradient_follows_the_incoming_gradient_and_gens_strides():
+    gen, pos, neg, w = make(2, 5, 4, 3, 6, seed=14)
+    strided = gen.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()  # [G, N, C], C outermost
+    loss_fn = DriftingLoss(statistics="group")
+    value, grad, _ = value_and_grad(loss_fn, gen, pos, neg, w)
+    (grad_s,) = torch.autograd.grad(3 * loss_fn(strided, pos, neg, w).loss, strided)
+    assert grad_s.stride() == strided.stride()
+    close(grad_s, 3 * grad)
+    with torch.no_grad():  # no graph, no force buffer: the same value
+        close(loss_fn(gen, pos, neg, w).loss, value)
+    close(loss_fn(gen.detach(), pos, neg, w).loss, value)
 
 
 @pytest.mark.parametrize("statistics", ["batch", "group"])
@@ -196,6 +241,32 @@ def test_chunked_equals_unchunked(statistics, loc):
     close(value_and_grad(DriftingLoss(statistics=statistics, max_chunk_elements=1), gen, pos, neg, w)[0], value)
 
 
+class _ShapeSpy(Laplace):
+    """Laplace that records the shape of every distance matrix it sees."""
+
+    def __init__(self):
+        self.shapes = []
+
+    def logits(self, distance, temperature):
+        self.shapes.append(tuple(distance.shape))
+        return super().logits(distance, temperature)
+
+
+@pytest.mark.parametrize("loc", [None, 4])
+@pytest.mark.parametrize("rows", [1, 3, 5, 100])
+def test_max_chunk_elements_bounds_every_distance_matrix(loc, rows):
+    """rows x N x T <= max_chunk_elements for every [rows, N, T] matrix, and each temperature sees every row once
+    in the last pass (chunks are whole groups or locations of one group)."""
+    g, n, p, m = 3, 5, 4, 2
+    t = n + m + p
+    gen, pos, neg, w = make(g, n, p, m, 6, seed=15, loc=loc)
+    spy = _ShapeSpy()
+    DriftingLoss(kernel=spy, max_chunk_elements=rows * n * t)(gen, pos, neg, w)
+    assert all(r * nn * tt <= max(rows, 1) * n * t and (nn, tt) == (n, t) for r, nn, tt in spy.shapes), spy.shapes
+    per_pass = len(TAUS) * g * (loc or 1)
+    assert sum(r for r, _, _ in spy.shapes) % per_pass == 0  # each pass covers every row once per temperature
+
+
 def test_locations_equal_manually_regrouped_rows():
     g, n, p, m, loc, c = 2, 5, 4, 3, 3, 6
     gen, pos, neg, w = make(g, n, p, m, c, seed=5, loc=loc)
@@ -228,6 +299,48 @@ def test_group_statistics_equal_each_group_alone(loc):
     grouped = DriftingLoss(statistics="group")(gen2, pos * spread, neg * spread, w).loss
     batched = DriftingLoss(statistics="batch")(gen2, pos * spread, neg * spread, w).loss
     assert not torch.allclose(grouped, batched, rtol=1e-3)
+
+
+def test_distributed_statistics_equal_one_process_with_the_whole_batch(monkeypatch):
+    """Two ranks (threads, with an all-reduce that sums over them) holding half the groups each: with
+    distributed_statistics, S and lambda are those of the whole batch in both passes, so each rank's force is the
+    whole batch's on its rows (its gradient differs only by the numel of its own mean)."""
+    import threading
+
+    import drifting_lightning.drift.loss as loss_module
+
+    g, loc = 4, 3
+    gen, pos, neg, w = make(g, 5, 4, 2, 6, seed=16, loc=loc)
+    loss_fn = DriftingLoss(distributed_statistics=True, max_chunk_elements=2 * 5 * 11)
+    _, grad, stats = value_and_grad(loss_fn, gen, pos, neg, w)  # not initialised: no reduction
+
+    barrier, slots = threading.Barrier(2), [None, None]
+
+    def all_reduce(tensor):
+        rank = int(threading.current_thread().name[-1])
+        slots[rank] = tensor.clone()
+        barrier.wait()
+        tensor.copy_(slots[0] + slots[1])
+        barrier.wait()
+
+    fake = type("FakeDist", (), {"is_available": staticmethod(lambda: True),
+                                 "is_initialized": staticmethod(lambda: True), "all_reduce": staticmethod(all_reduce)})
+    monkeypatch.setattr(loss_module, "dist", fake)
+    results = [None, None]
+
+    def rank_main(rank):
+        part = slice(2 * rank, 2 * rank + 2)
+        results[rank] = value_and_grad(loss_fn, gen.detach()[part].requires_grad_(), pos[part], neg[part], w[part])
+
+    threads = [threading.Thread(target=rank_main, args=(k,), name=f"rank{k}") for k in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for rank, (_, grad_k, stats_k) in enumerate(results):
+        for key in ("x/scale", "x/lambda/tau0.02", "x/lambda/tau0.2"):
+            close(stats_k[key], stats[key])
+        close(grad_k / 2, grad[2 * rank : 2 * rank + 2])  # each rank's mean is over half the elements
 
 
 def test_feature_dict_sums_features():

@@ -1,0 +1,147 @@
+"""``drifting sample``: class-balanced one-step samples of a trained generator as an ADM .npz (+ PNGs).
+
+    drifting sample --ckpt runs/imagenet/version_0/checkpoints/last.ckpt --num 50000 --alpha 1.0 --out samples.npz
+
+Single device: one process samples everything (one network evaluation per sample, so 50k ImageNet samples take
+minutes on one GPU). For several GPUs, run one process per GPU with different --seed and merge the .npz files.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from drifting_lightning.commands import resolve_device, run_command
+from drifting_lightning.metrics.npz import to_uint8, write_adm_npz
+
+# (n, labels [n] or None, torch.Generator) -> images [n, C, H, W] in [-1, 1]
+SampleFn = Callable[[int, Tensor | None, torch.Generator], Tensor]
+
+
+def balanced_labels(num: int, num_classes: int) -> Tensor | None:
+    """Labels [num] with sample i of class i mod K (every class num/K times); None when unconditional."""
+    return torch.arange(num) % num_classes if num_classes > 0 else None
+
+
+@torch.no_grad()
+def sample_images(
+    sample_fn: SampleFn,
+    num: int,
+    num_classes: int,
+    batch_size: int = 250,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``num`` samples in batches -> (uint8 images [num, H, W, C], labels [num] or None).
+
+    Noise comes from one ``torch.Generator(device)`` seeded with ``seed`` and consumed batch after batch, so the
+    output is reproducible for a given seed, batch size and device. Quantised with ``to_uint8`` (the DiT rule).
+    """
+    from tqdm.auto import tqdm
+
+    labels = balanced_labels(num, num_classes)
+    noise = torch.Generator(device=device).manual_seed(seed)
+    images: np.ndarray | None = None
+    with tqdm(total=num, unit="img", desc="sampling", disable=not progress) as bar:
+        for start in range(0, num, batch_size):
+            n = min(batch_size, num - start)
+            batch_labels = None if labels is None else labels[start : start + n].to(device)
+            x = sample_fn(n, batch_labels, noise)
+            if x.dim() != 4 or x.shape[1] not in (1, 3):
+                raise ValueError(
+                    f"the generator makes samples of shape {list(x.shape[1:])}; an ADM .npz needs images [C, H, W] "
+                    "with C = 1 or 3 (a latent model needs its module's decode_samples: sample from the checkpoint)"
+                )
+            q = to_uint8(x).cpu().numpy()
+            if images is None:
+                images = np.empty((num, *q.shape[1:]), dtype=np.uint8)  # preallocated: no 2x peak at the end
+            images[start : start + n] = q
+            bar.update(n)
+    return images, None if labels is None else labels.numpy()
+
+
+def sampler_from(path: str, config: str | None, alpha: float, device: torch.device) -> tuple[SampleFn, int]:
+    """(sample function, number of classes) of a ``drifting fit`` checkpoint (its module's EMA generator and
+    ``decode_samples``) or of a ``drifting export`` directory (the generator alone)."""
+    if Path(path).is_dir():
+        from drifting_lightning.export import load_generator
+
+        gen = load_generator(path, device)
+
+        def from_export(n: int, labels: Tensor | None, noise: torch.Generator) -> Tensor:
+            inputs = gen.draw_inputs(n, device=device, generator=noise)
+            return gen(**inputs, labels=labels, alpha=torch.full((n,), alpha, device=device))
+
+        return from_export, gen.num_classes
+
+    from drifting_lightning.callbacks.sample_grid import decode, generator_classes
+    from drifting_lightning.export import load_module
+
+    module = load_module(path, config).to(device)
+
+    def from_module(n: int, labels: Tensor | None, noise: torch.Generator) -> Tensor:
+        return decode(module, module.sample(n, labels=labels, alpha=alpha, use_ema=True, generator=noise))
+
+    return from_module, generator_classes(module)
+
+
+def write_pngs(images: np.ndarray, folder: str) -> None:
+    """One PNG per sample, ``folder/000000.png`` ..., as DiT's sample_ddp.py writes them."""
+    from PIL import Image
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(out / f"{i:06d}.png")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="drifting sample",
+        description="Class-balanced one-step sampling (EMA weights) into an ADM-evaluator .npz: arr_0 uint8 "
+        "[N, H, W, C], arr_1 labels. Single device; run several processes with different --seed for more GPUs.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--ckpt", required=True, help="a `drifting fit` checkpoint (.ckpt) or an export directory")
+    parser.add_argument("--config", help="the run's config.yaml (default: found beside the checkpoint)")
+    parser.add_argument("--num", type=int, default=50000, help="number of samples (50000 for reported FID)")
+    parser.add_argument("--alpha", type=float, default=1.0, help="guidance scale (1.0 = no guidance)")
+    parser.add_argument("--out", required=True, help="output .npz path (written atomically)")
+    parser.add_argument("--batch-size", type=int, default=250, help="samples per network evaluation")
+    parser.add_argument("--png-dir", help="also write every sample as a PNG into this folder")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed (same seed + batch size = same samples)")
+    parser.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.num < 1 or args.batch_size < 1:
+        raise ValueError(f"--num and --batch-size must be >= 1, got {args.num} and {args.batch_size}")
+    if args.alpha < 1.0:
+        raise ValueError(f"--alpha must be >= 1 (1 = no guidance), got {args.alpha}")
+    if not Path(args.ckpt).exists():
+        raise FileNotFoundError(
+            f"--ckpt {args.ckpt} does not exist (drifting fit writes runs/<name>/version_<k>/checkpoints/*.ckpt)"
+        )
+    device = resolve_device(args.device)
+    sample_fn, num_classes = sampler_from(args.ckpt, args.config, args.alpha, device)
+    images, labels = sample_images(
+        sample_fn, args.num, num_classes, args.batch_size, args.seed, device, progress=not args.no_progress
+    )
+    path = write_adm_npz(args.out, images, labels)
+    if args.png_dir:
+        write_pngs(images, args.png_dir)
+    print(f"wrote {len(images)} samples {list(images.shape[1:])} (alpha {args.alpha}, {num_classes} classes) to {path}")
+    return 0
+
+
+def main(argv: Sequence[str]) -> int:
+    """``drifting sample --ckpt X --num N --alpha A --out samples.npz [...]``; returns the exit status."""
+    return run_command(build_parser(), _run, argv)

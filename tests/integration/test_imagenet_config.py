@@ -1,0 +1,119 @@
+"""configs/imagenet.yaml (latents), configs/imagenet_pixel.yaml and the latent-MAE configs (configs/mae/
+imagenet_latent*.yaml) through the CLI, a few CPU steps at tiny size.
+
+The latent run starts from an image folder and no cache: prepare_data encodes it with a tiny VAE, then the tiny DiT
+trains on the latents. The overrides go in a second --config file (a YAML ``null`` reaches the encoder's
+``checkpoint`` as None there; on the command line it would arrive as a string).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from drifting_lightning.data import latent_shards as shards
+from drifting_lightning.data.latents import encode_latents
+from tests.integration.cli_helpers import REPO, run_drifting
+from tests.unit.test_vae_latents import make_image_folder, make_tiny_vae
+
+TINY_GROUPS = {"positives": {"init_args": {"classes_per_step": 2, "positives_per_class": 4,
+                                           "unconditional_per_class": 2}}}  # fmt: skip
+
+
+def trainer_overrides(tmp_path: Path) -> dict:
+    return {
+        "accelerator": "cpu",
+        "precision": 32,
+        "max_steps": 2,
+        "default_root_dir": str(tmp_path / "runs"),
+        "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                   "init_args": {"save_dir": str(tmp_path / "runs")}},
+    }  # fmt: skip
+
+
+def fit(config: str, overrides: dict, tmp_path: Path) -> Path:
+    """Run ``drifting fit`` with the overrides; return the run's version folder."""
+    path = tmp_path / "overrides.yaml"
+    path.write_text(yaml.safe_dump(overrides))
+    out = run_drifting("fit", "--config", str(REPO / "configs" / config), "--config", str(path))
+    assert out.returncode == 0, out.stderr[-4000:]
+    return next((tmp_path / "runs").glob("*/version_0"))
+
+
+def test_imagenet_latent_config_encodes_then_trains(tmp_path: Path):
+    vae = make_tiny_vae(tmp_path / "vae")
+    images = make_image_folder(tmp_path / "images")
+    cache = tmp_path / "latents"
+    run = fit(
+        "imagenet.yaml",
+        {
+            "trainer": trainer_overrides(tmp_path),
+            "model": {"init_args": {
+                "generator": {"init_args": {"preset": "tiny"}},
+                "encoder": {"init_args": {"width": 8, "checkpoint": None}},
+                "generated_per_group": 4,
+            }},
+            "data": {"init_args": {
+                "root": str(cache), "data": str(images), "vae": str(vae), "resolution": 64, "num_workers": 0,
+                "steps_per_epoch": 2, **TINY_GROUPS,
+            }},
+        },
+        tmp_path,
+    )  # fmt: skip
+    manifest = shards.read_manifest(cache)  # written by prepare_data: 64px images -> 4x32x32 latents
+    assert manifest["count"] == 12 and manifest["skipped"] == 1 and manifest["latent_shape"] == [4, 32, 32]
+    assert manifest["vae"]["id"] == str(vae) and manifest["resolution"] == 64
+
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    model = saved["model"]["init_args"]
+    assert model["generator"]["init_args"]["preset"] == "tiny" and model["lr"] == 2e-4
+    assert model["weight_decay"] == 0.01 and model["warmup_steps"] == 5000 and model["ema_decay"] == 0.999
+    assert saved["trainer"]["gradient_clip_val"] == 2.0
+    assert saved["data"]["class_path"] == "drifting_lightning.data.latents.LatentDataModule"
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 2 and ckpt["LatentDataModule"]["positives"]["step"] == 2
+    assert any(p.name.startswith("events.out.tfevents") for p in run.iterdir())
+
+
+def test_imagenet_pixel_config_trains(tmp_path: Path):
+    images = make_image_folder(tmp_path / "images")
+    run = fit(
+        "imagenet_pixel.yaml",
+        {
+            "trainer": trainer_overrides(tmp_path),
+            "model": {"init_args": {
+                "generator": {"init_args": {"preset": "tiny", "in_channels": 3, "input_size": 32, "patch_size": 4}},
+                "encoder": {"init_args": {"width": 8, "input_size": 32, "checkpoint": None}},
+                "generated_per_group": 4,
+            }},
+            "data": {"init_args": {"root": str(images), "resolution": 32, "num_workers": 0, "steps_per_epoch": 2,
+                                   **TINY_GROUPS}},
+        },
+        tmp_path,
+    )  # fmt: skip
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 2
+    assert (
+        yaml.safe_load((run / "config.yaml").read_text())["model"]["init_args"]["encoder"]["init_args"]["patchify"] == 8
+    )
+
+
+@pytest.mark.parametrize("config", ["mae/imagenet_latent.yaml", "mae/imagenet_latent_w640.yaml"])
+def test_latent_mae_configs_train_on_a_latent_cache(config: str, tmp_path: Path):
+    cache = tmp_path / "latents"
+    encode_latents(make_image_folder(tmp_path / "images"), str(make_tiny_vae(tmp_path / "vae")), cache, resolution=64,
+                   device="cpu", progress=False)  # fmt: skip
+    run = fit(
+        config,
+        {
+            "trainer": trainer_overrides(tmp_path),
+            "model": {"init_args": {"width": 8, "log_images_every_n_steps": 1}},
+            "data": {"init_args": {"root": str(cache), "resolution": None, "steps_per_epoch": 2, **TINY_GROUPS}},
+        },
+        tmp_path,
+    )
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 2 and ckpt["encoder_config"]["in_channels"] == 4
