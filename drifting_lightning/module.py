@@ -32,8 +32,10 @@ class DriftingModule(pl.LightningModule):
     (default Identity: raw samples as one vector); guidance: alpha sampler used when batches carry unconditional
     negatives (PAPER.md 5). generated_per_group: N_neg, generated samples per class group.
     Optimiser: AdamW(lr, betas, weight_decay), linear warmup over ``warmup_steps`` then constant (paper Table 8).
-    ema_decay: EMA of the generator, used for ``sample`` and evaluation. nonfinite: "stop" (save
-    ``nonfinite-step<k>.ckpt`` with the last finite weights and raise) or "skip" (skip the step) on a NaN/Inf loss.
+    ema_decay: EMA of the generator, used for ``sample`` and evaluation. vae: local path (or, with vae_allow_hub, a hub
+    id) of the VAE whose latents the generator makes; it adds ``decode_samples`` for grids and metrics.
+    nonfinite: "stop" (save ``nonfinite-step<k>.ckpt`` with the last finite weights and raise) or "skip" (skip the
+    step) on a NaN/Inf loss.
     """
 
     def __init__(
@@ -49,6 +51,9 @@ class DriftingModule(pl.LightningModule):
         warmup_steps: int = 0,
         ema_decay: float = 0.999,
         nonfinite: Literal["stop", "skip"] = "stop",
+        vae: str | None = None,
+        vae_allow_hub: bool = False,
+        vae_dtype: str = "float32",
     ) -> None:
         super().__init__()
         if generated_per_group < 1:
@@ -64,6 +69,10 @@ class DriftingModule(pl.LightningModule):
         self.encoder = (encoder if encoder is not None else Identity()).freeze()
         self.guidance = guidance
         self._step_started = 0.0
+        if vae is not None:
+            # Latent run: grids, FID and `drifting sample` decode through this. An instance attribute, so that
+            # hasattr(module, "decode_samples") tells latent modules from pixel ones.
+            self.decode_samples = self._decode_latents
 
     # ---- training -------------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
@@ -140,6 +149,15 @@ class DriftingModule(pl.LightningModule):
         warmup = max(1, hp.warmup_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "name": "lr"}}
+
+    @torch.no_grad()
+    def _decode_latents(self, x: Tensor) -> Tensor:
+        """Latents [B, C, h, w] -> images [B, 3, h*f, w*f] in [-1, 1] with the run's frozen VAE decoder (loaded once
+        per process and device, kept out of the state_dict so checkpoints stay small)."""
+        from drifting_lightning.data.vae import shared_codec
+
+        hp = self.hparams
+        return shared_codec(hp.vae, hp.vae_allow_hub, hp.vae_dtype, x.device).decode(x.float()).clamp(-1.0, 1.0)
 
     # ---- inference ------------------------------------------------------------------------------------------
     @torch.no_grad()

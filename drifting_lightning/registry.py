@@ -34,6 +34,8 @@ BUILTIN_MODULES = (
     "drifting_lightning.data.toy",
     "drifting_lightning.data.vector",
     "drifting_lightning.data.images",
+    "drifting_lightning.data.latents",
+    "drifting_lightning.encoders.vae_bridge",
     "drifting_lightning.metrics.classifier",
     "drifting_lightning.module",
 )
