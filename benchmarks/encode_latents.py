@@ -40,16 +40,8 @@ from drifting_lightning.data.latents import encode_latents  # noqa: E402
 from drifting_lightning.data.vae import SD_VAE_CONFIG, VAECodec, as_dtype  # noqa: E402
 
 IMAGENET_TRAIN = 1_281_167
-TINY_CONFIG = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [8, 16, 16, 16],
-    "layers_per_block": 1,
-    "latent_channels": 4,
-    "norm_num_groups": 8,
-}
+# SD-VAE's four levels (8x down-sampling) at test widths: the cost shape of the real VAE, tiny.
+TINY_CONFIG = {**SD_VAE_CONFIG, "block_out_channels": [8, 16, 16, 16], "layers_per_block": 1, "norm_num_groups": 8}
 
 
 def save_vae(config: dict, folder: Path) -> int:
