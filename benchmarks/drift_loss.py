@@ -3,26 +3,31 @@
     python benchmarks/drift_loss.py              # full run: minutes on a 2-core CPU
     python benchmarks/drift_loss.py --quick      # smoke test at toy sizes
     python benchmarks/drift_loss.py --device cuda
+    python benchmarks/drift_loss.py --channels --locations 1024 --repeats 1   # one size, per-location table only
 
 Two tables, forward + backward of one feature with 3 temperatures, median of several runs after one warm-up:
 1. the paper's ablation shape (G = 64 groups, N = 64 generated, P = 64 positives, M = 16 extra negatives) for
    C in {64, 256, 1024}, engine vs literal loop;
 2. a per-location feature map (C = 256, gen [G, N, L, C]) at G x L = 64 x {64, 256, 1024} location-groups under a
-   ``max_chunk_elements`` budget (engine only), to show throughput (rows/s) against size and peak memory against
+   ``max_chunk_elements`` bound (engine only), to show throughput (rows/s) against size and peak memory against
    the chunk budget.
 
 Peak memory: every case runs in a fresh subprocess. On CPU the worker allocates its inputs, reads its resident set
 size (RSS, /proc/self/statm) as the baseline, resets the kernel's peak-RSS mark (``echo 5 > /proc/self/clear_refs``,
 so an earlier transient peak from imports does not hide the growth) and reports ru_maxrss at the end minus the
 baseline: the peak extra memory of the loss over its inputs, gradient included. On CUDA it reports
-max_memory_allocated minus the memory allocated after the inputs.
+max_memory_allocated minus the memory allocated after the inputs. For the engine it then measures one forward
+without gradient the same way (baseline and peak mark reset again after the gradient is dropped): the chunked
+working set alone, with no force buffer. Freed blocks that the C allocator keeps for reuse instead of returning
+them (blocks under its mmap threshold, 32 MiB at most) are not counted again by this second baseline.
 
 Chunk budget: ``drifting_lightning.drift.loss.chunk_budget_bytes``, the bound the DriftingLoss docstring states:
-rows = max_chunk_elements // (N T) rows per chunk, each holding 3 [N, T] float32 matrices (distances, logits turned
-into coefficients, one log-sum-exp transient) and (T + 2 N) C float32 values (centred targets, one V, the chunk's
-force): 4 B x rows x (3 N T + (T + 2 N) C). Beyond it the loss keeps one float32 force buffer the size of gen until
-backward allocates the gradient (gen's size again), so the expected peak extra is about 2 x gen + budget; the table
-reports extra / gen, extra / budget and extra / (2 gen + budget).
+rows = max_chunk_elements // (N T) rows per chunk, each holding at most 3 [N, T] float32 matrices (distances, the
+sum of the temperatures' coefficients, one temperature's logits turned into coefficients) and (T + N) C float32
+values (centred targets, one V or the chunk's force): 4 B x rows x (3 N T + (T + N) C).
+Beyond it the loss keeps one float32 force buffer the size of gen from the forward on, which backward turns into
+the gradient in place. The gradient is gen's size whatever the loss, so the table subtracts it: peak extra -
+gradient is the loss's own working memory, the part a chunk budget can bound, and it is compared with the budget.
 """
 
 from __future__ import annotations
@@ -92,28 +97,41 @@ def worker(spec: dict) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    sync()
-    if device.type == "cuda":
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        base = _rss_bytes()
-        spec["peak_reset"] = _reset_peak_rss()
-    times = []
-    for i in range(spec["repeats"] + 1):
-        gen.grad = None
-        start = time.perf_counter()
-        step()
+    def peak_extra(fn) -> int:
+        """Runs fn; returns its peak memory over the memory in use when it started."""
         sync()
-        if i:  # the first run warms up
-            times.append(time.perf_counter() - start)
-    if device.type == "cuda":
-        extra = torch.cuda.max_memory_allocated() - base
-    else:
-        extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        if device.type == "cuda":
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            base = _rss_bytes()
+            spec["peak_reset"] = _reset_peak_rss()
+        fn()
+        sync()
+        if device.type == "cuda":
+            return max(torch.cuda.max_memory_allocated() - base, 0)
+        return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base, 0)
+
+    times = []
+
+    def timed_runs():
+        for i in range(spec["repeats"] + 1):
+            gen.grad = None
+            start = time.perf_counter()
+            step()
+            sync()
+            if i:  # the first run warms up
+                times.append(time.perf_counter() - start)
+
+    extra = peak_extra(timed_runs)
+    forward = None
+    if spec["impl"] == "engine":
+        # The chunked working set alone: a forward without gradient has no force buffer, nothing gen-sized.
+        gen.grad = None
+        forward = peak_extra(lambda: loss_fn(gen.detach(), pos, neg, w))
     input_bytes = sum(t.numel() * t.element_size() for t in (gen, pos, neg, w))
-    return {**spec, "time": statistics.median(times), "times": times, "extra": max(extra, 0), "inputs": input_bytes,
-            "gen": gen.numel() * gen.element_size(), "torch_threads": torch.get_num_threads()}
+    return {**spec, "time": statistics.median(times), "times": times, "extra": extra, "forward_extra": forward,
+            "inputs": input_bytes, "gen": gen.numel() * gen.element_size(), "torch_threads": torch.get_num_threads()}
 
 
 def run_case(spec: dict) -> dict:
@@ -174,6 +192,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads in the workers (0: torch's default)")
     parser.add_argument("--chunk-elements", type=int, default=None,
                         help="max_chunk_elements of the per-location case (default 2**24, quick 2**10)")
+    parser.add_argument("--channels", type=int, nargs="*", default=None,
+                        help="C of the ablation table (default 64 256 1024, quick 16; the flag alone skips it)")
+    parser.add_argument("--locations", type=int, nargs="*", default=None,
+                        help="L of the per-location table (default 64 256 1024, quick 4; the flag alone skips it)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -184,8 +206,8 @@ def main() -> None:
     repeats = args.repeats or (2 if quick else 5)
     chunk = args.chunk_elements or (2**10 if quick else 2**24)
     shape = dict(G=4, N=8, P=8, M=2) if quick else dict(G=64, N=64, P=64, M=16)
-    channels = [16] if quick else [64, 256, 1024]
-    locations = [4] if quick else [64, 256, 1024]
+    channels = args.channels if args.channels is not None else [16] if quick else [64, 256, 1024]
+    locations = args.locations if args.locations is not None else [4] if quick else [64, 256, 1024]
     common = dict(device=args.device, threads=args.threads, repeats=repeats)
     if args.device.startswith("cuda"):
         import torch
@@ -197,10 +219,12 @@ def main() -> None:
           f"torch {metadata.version('torch')}, engine {_engine_version()}")
     print(f"forward + backward, temperatures {TEMPERATURES}, median of {repeats} runs after 1 warm-up\n")
 
-    print(f"Ablation shape G={shape['G']}, N={shape['N']}, P={shape['P']}, M={shape['M']} (one [G, N, C] feature)\n")
-    print("| C | engine ms (range) | literal loop ms (range) | speed-up "
-          "| engine peak extra MB | literal peak extra MB |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    if channels:
+        print(f"Ablation shape G={shape['G']}, N={shape['N']}, P={shape['P']}, M={shape['M']} (one [G, N, C] feature)"
+              "\n")
+        print("| C | engine ms (range) | literal loop ms (range) | speed-up "
+              "| engine peak extra MB | literal peak extra MB |")
+        print("|---:|---:|---:|---:|---:|---:|")
     for c in channels:
         res = {impl: run_case({**common, **shape, "C": c, "L": None, "chunk": None, "impl": impl})
                for impl in ("engine", "literal")}
@@ -212,41 +236,46 @@ def main() -> None:
               f"| {mb(e['extra'])} | {mb(lit['extra'])} |", flush=True)
 
     sys.path.insert(0, str(ROOT))  # the engine's own definition of the budget, also when not installed
-    from drifting_lightning.drift.loss import chunk_budget_bytes
+    from drifting_lightning.drift.loss import LIVE_MATRICES, chunk_budget_bytes
 
     c = 16 if quick else 256
     n, t = shape["N"], shape["N"] + shape["M"] + shape["P"]
     budget = chunk_budget_bytes(chunk, n, t, c)
     rows_per_chunk = max(1, chunk // (n * t))
+    if not locations:
+        return
     print(f"\nPer-location feature map, C={c}, gen [G, N, L, C] with G={shape['G']}, max_chunk_elements={chunk:,}: "
-          f"chunks of <= {rows_per_chunk:,} rows, chunk budget {mb(budget)} MB = 4 B x rows x (3 N T + (T + 2 N) C) "
-          f"with N={n}, T={t} (DriftingLoss docstring)\n")
-    print("| G x L rows | ms (range) | rows/s | inputs MB | gen MB | peak extra MB | extra / gen | extra / budget "
-          "| extra / (2 gen + budget) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          f"chunks of <= {rows_per_chunk:,} rows, chunk budget {mb(budget)} MB = 4 B x rows x ({LIVE_MATRICES} N T "
+          f"+ (T + N) C) "
+          f"with N={n}, T={t} (DriftingLoss docstring). Peak extra: over the inputs, of forward + backward (the "
+          "gradient, gen's size, is part of it) and of one forward without gradient (no force buffer)\n")
+    print("| G x L rows | ms (range) | rows/s | inputs MB | gen = gradient MB | peak extra MB | extra - gradient MB "
+          "| (extra - gradient) / budget | forward without gradient: peak extra MB | forward / budget |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     previous = None
     for loc in locations:
         spec = {**common, **shape, "C": c, "L": loc, "chunk": chunk, "impl": "engine"}
         rows = shape["G"] * loc
         inputs = 4 * rows * c * (shape["N"] + shape["P"] + shape["M"])
         gen_bytes = 4 * rows * c * n
-        # Expected extra: force buffer + gradient + chunk budget; past cases calibrate it (the budget part does not
-        # grow with the rows, so scaling the whole extra by the rows overestimates: safe).
-        needed = inputs + (previous["extra"] * rows / previous["rows"] if previous else 2 * gen_bytes + budget)
+        # Expected extra: gradient + chunk budget; past cases calibrate it (the budget part does not grow with the
+        # rows, so scaling the whole extra by the rows overestimates: safe).
+        needed = inputs + (previous["extra"] * rows / previous["rows"] if previous else gen_bytes + budget)
         available = _available_bytes(args.device)
         if needed > 0.75 * available:  # leave room for whatever else runs on the machine
             print(f"| {shape['G']} x {loc} = {rows:,} | does not fit: needs about {mb(needed)} MB, "
-                  f"{mb(available)} MB available | | {mb(inputs)} | {mb(gen_bytes)} | | | | |", flush=True)
+                  f"{mb(available)} MB available | | {mb(inputs)} | {mb(gen_bytes)} | | | | | |", flush=True)
             continue
         r = run_case(spec)
         if "error" in r:
             print(f"| {shape['G']} x {loc} = {rows:,} | failed: {r['error']} | | {mb(inputs)} | {mb(gen_bytes)} "
-                  "| | | | |", flush=True)
+                  "| | | | | |", flush=True)
             continue
         previous = {**r, "rows": rows}
+        own = r["extra"] - r["gen"]
         print(f"| {shape['G']} x {loc} = {rows:,} | {ms(r)} | {rows / r['time']:,.0f} | {mb(r['inputs'])} "
-              f"| {mb(r['gen'])} | {mb(r['extra'])} | {r['extra'] / r['gen']:.2f} | {r['extra'] / budget:.2f} "
-              f"| {r['extra'] / (2 * r['gen'] + budget):.2f} |", flush=True)
+              f"| {mb(r['gen'])} | {mb(r['extra'])} | {mb(own)} | {own / budget:.2f} | {mb(r['forward_extra'])} "
+              f"| {r['forward_extra'] / budget:.2f} |", flush=True)
     threads = previous["torch_threads"] if previous else "?"
     print(f"\ntorch threads {threads}" + (f", load average {os.getloadavg()[0]:.1f} at the end; peak extra = ru_maxrss "
           "after the runs - RSS after allocating the inputs (peak mark reset there)" if args.device == "cpu" else ""))

@@ -12,9 +12,10 @@ import lightning.pytorch as pl
 import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from drifting_lightning import registry
+from drifting_lightning.callbacks.resilience import harden_trainer, resolve_last_checkpoint, verify_ckpt_path_argument
 
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError, RuntimeError, MisconfigurationException)
 
@@ -48,12 +49,26 @@ class DriftingCLI(LightningCLI):
             run=run,
         )
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            verify_ckpt_path_argument(self.config[subcommand].get("ckpt_path"))
+
+    def before_instantiate_classes(self) -> None:
+        # "last" is resolved after LightningCLI took the model's hyper-parameters from a checkpoint given by path:
+        # a resume from last.ckpt runs with the config on the command line (its tensors checked against the checkpoint).
+        if self.subcommand == "fit":
+            resolve_last_checkpoint(self.config.fit)
+
     def _instantiate_trainer(self, config: dict, callbacks: list) -> pl.Trainer:
         # A rich progress bar by default, unless the run disables bars or configures its own.
         configured = config.get("callbacks") or []
         has_bar = any(isinstance(c, ProgressBar) for c in [*configured, *callbacks])
         if config.get("enable_progress_bar", True) is not False and not has_bar:
             callbacks = [*callbacks, RichProgressBar()]
+        # last.ckpt, atomic checkpoint files, the training RNG stream in checkpoints, a clean stop on SIGTERM/SIGINT.
+        callbacks = [*callbacks, *harden_trainer(config)]
         return super()._instantiate_trainer(config, callbacks)
 
 

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
 from torch import Tensor
 
+from drifting_lightning.callbacks.resilience import check_state_fits
 from drifting_lightning.drift.loss import DriftingLoss
 from drifting_lightning.encoders.base import FeatureEncoder, Identity
 from drifting_lightning.models.base import Generator
+from drifting_lightning.parallel import clip_fsdp_gradients, full_parameters, shard_fsdp2, wrap_fsdp
 from drifting_lightning.sampling.guidance import GuidanceSampler, guidance_weight
 
 # The frozen encoder and the EMA copy are in eval mode on purpose; Lightning warns about any module in eval mode.
@@ -22,7 +28,7 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode",
 
 
 class NonFiniteLossError(RuntimeError):
-    """The drift loss became NaN or Inf; the message names the step and the statistics."""
+    """The drift loss or the gradients became NaN or Inf; the message names the step and the statistics."""
 
 
 class DriftingModule(pl.LightningModule):
@@ -35,7 +41,11 @@ class DriftingModule(pl.LightningModule):
     ema_decay: EMA of the generator, used for ``sample`` and evaluation. vae: local path (or, with vae_allow_hub, a hub
     id) of the VAE whose latents the generator makes; it adds ``decode_samples`` for grids and metrics.
     nonfinite: "stop" (save ``nonfinite-step<k>.ckpt`` with the last finite weights and raise) or "skip" (skip the
-    step) on a NaN/Inf loss.
+    step) on a NaN/Inf loss or gradient (gradients are checked before clipping, except under 16-mixed, whose gradient
+    scaler skips such steps itself).
+    compile: parts to ``torch.compile`` (``nn.Module.compile``, in place: checkpoints keep their keys), any of
+    "generator", "loss". float32_matmul_precision: ``torch.set_float32_matmul_precision`` for the run; "auto" is
+    "high" (TF32) on CUDA and leaves other devices alone. The drift loss always runs at "highest".
     """
 
     def __init__(
@@ -54,6 +64,8 @@ class DriftingModule(pl.LightningModule):
         vae: str | None = None,
         vae_allow_hub: bool = False,
         vae_dtype: str = "float32",
+        compile: Sequence[Literal["generator", "loss"]] = (),
+        float32_matmul_precision: Literal["auto", "highest", "high", "medium"] = "auto",
     ) -> None:
         super().__init__()
         if generated_per_group < 1:
@@ -62,6 +74,12 @@ class DriftingModule(pl.LightningModule):
             raise ValueError(f"ema_decay must lie in [0, 1), got {ema_decay}")
         if nonfinite not in ("stop", "skip"):
             raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
+        if not set(compile) <= {"generator", "loss"}:
+            raise ValueError(f"compile takes 'generator' and/or 'loss', got {list(compile)}")
+        if float32_matmul_precision not in ("auto", "highest", "high", "medium"):
+            raise ValueError(
+                f"float32_matmul_precision must be auto, highest, high or medium, got {float32_matmul_precision!r}"
+            )
         self.save_hyperparameters(ignore=["generator", "loss", "encoder", "guidance"])
         self.generator = generator
         self.ema_generator = copy.deepcopy(generator).requires_grad_(False).eval()
@@ -69,6 +87,8 @@ class DriftingModule(pl.LightningModule):
         self.encoder = (encoder if encoder is not None else Identity()).freeze()
         self.guidance = guidance
         self._step_started = 0.0
+        self._step_sizes = (0, 0, 0)  # class groups, N_pos, N_unc of the current step, for the out-of-memory advice
+        self._noise_seed: int | None = None  # base of the per-group noise streams, set by on_fit_start
         if vae is not None:
             # Latent run: grids, FID and `drifting sample` decode through this. An instance attribute, so that
             # hasattr(module, "decode_samples") tells latent modules from pixel ones.
@@ -81,9 +101,7 @@ class DriftingModule(pl.LightningModule):
         labels = batch.get("labels")
         unconditional = batch.get("unconditional")
         use_guidance = self.guidance is not None and unconditional is not None and unconditional.shape[1] > 0
-        alpha = self.guidance.sample(groups, device=self.device) if use_guidance else None
-
-        inputs = self.generator.draw_inputs(groups * n, device=self.device)
+        alpha, inputs = self._draw_group_inputs(groups, n, use_guidance, batch_idx)
         x = self.generator(
             **inputs,
             labels=None if labels is None else labels.repeat_interleave(n),
@@ -94,11 +112,13 @@ class DriftingModule(pl.LightningModule):
             pos = _grouped(self.encoder(positives.flatten(0, 1)), groups)
             neg = _grouped(self.encoder(unconditional.flatten(0, 1)), groups) if use_guidance else None
         weights = guidance_weight(alpha, n, unconditional.shape[1]) if use_guidance else None
-        out = self.loss(gen, pos, neg, weights)
+        with _highest_matmul_precision():
+            out = self.loss(gen, pos, neg, weights)
 
         finite = bool(torch.isfinite(out.loss).item())
         if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
-            return self._handle_nonfinite(out.stats)
+            stats = ", ".join(f"{k}={v.item():.4g}" for k, v in out.stats.items())
+            return self._handle_nonfinite("the drift loss", stats)
         self.log("train/loss", out.loss, prog_bar=True)
         self.log_dict({f"drift/{k}": v for k, v in out.stats.items()})
         for tau in self.loss.temperatures:
@@ -109,23 +129,108 @@ class DriftingModule(pl.LightningModule):
         self.log("train/generated_per_step", float(groups * n))
         return out.loss
 
-    def _handle_nonfinite(self, stats: dict[str, Tensor]) -> None:
+    def _draw_group_inputs(
+        self, groups: int, n: int, use_guidance: bool, batch_idx: int
+    ) -> tuple[Tensor | None, dict[str, Tensor]]:
+        """alpha [groups] (None without guidance) and the generator's inputs for groups * n samples. Class group g of
+        this rank is group rank * groups + g of the global batch and draws from its own generator, seeded by (seed,
+        step, batch_idx, global group): ranks never share noise, a resume replays it, and the global batch does not
+        depend on how many ranks split it."""
+        seed = torch.initial_seed() if self._noise_seed is None else self._noise_seed
+        first = self.global_rank * groups
+        alphas, draws = [], []
+        for g in range(first, first + groups):
+            state = np.random.SeedSequence([seed, self.global_step, batch_idx, g]).generate_state(2, dtype=np.uint32)
+            gen = torch.Generator(device=self.device).manual_seed(int(state[0]) << 32 | int(state[1]))
+            if use_guidance:
+                alphas.append(self.guidance.sample(1, device=self.device, generator=gen))
+            draws.append(self.generator.draw_inputs(n, device=self.device, generator=gen))
+        inputs = {k: torch.cat([d[k] for d in draws]) for k in draws[0]}
+        return (torch.cat(alphas) if use_guidance else None), inputs
+
+    def on_fit_start(self) -> None:
+        # Rank 0's seed (the one seed_everything set) for every rank's group streams.
+        self._noise_seed = self.trainer.strategy.broadcast(torch.initial_seed())
+
+    def _handle_nonfinite(self, what: str, summary: str) -> None:
         step = self.global_step
-        summary = ", ".join(f"{k}={v.item():.4g}" for k, v in stats.items())
         if self.hparams.nonfinite == "skip":
-            self.print(f"[drifting] non-finite loss at step {step}: step skipped ({summary})")
+            self.print(f"[drifting] NaN/Inf in {what} at step {step}: step skipped ({summary})")
             return None
         path = Path(self.trainer.default_root_dir if self.logger is None else self.trainer.log_dir or ".")
         ckpt = path / f"nonfinite-step{step}.ckpt"
         self.trainer.save_checkpoint(ckpt)
         raise NonFiniteLossError(
-            f"the drift loss is NaN/Inf at step {step}. The weights before this step are saved in {ckpt}. "
+            f"NaN/Inf in {what} at step {step}. The weights before this step are saved in {ckpt}. "
             f"Statistics: {summary}. Try a lower lr, gradient clipping (trainer.gradient_clip_val), or "
             "model.nonfinite=skip to skip such steps."
         )
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return  # 16-mixed: Inf gradients are how the GradScaler calibrates; it skips those steps itself
+        # Sharded (DTensor) gradients are checked shard by shard; the ranks then agree on the verdict.
+        grads = {k: p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+                 for k, p in self.generator.named_parameters() if p.grad is not None}  # fmt: skip
+        norms = torch._foreach_norm(list(grads.values())) if grads else []
+        total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+        if self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(total).item()), all=True):
+            return
+        bad = [k for k, norm in zip(grads, norms) if not torch.isfinite(norm)]
+        shown = ", ".join(bad[:6])
+        summary = f"gradient norm {total.item():.4g}; NaN/Inf in {len(bad)} of {len(grads)} tensors: {shown}"
+        if self.hparams.nonfinite == "skip":
+            optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without a gradient untouched
+        self._handle_nonfinite("the gradients", summary)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        # The closure (forward, loss, backward) runs inside the optimiser step, so this sees every training OOM.
+        try:
+            super().optimizer_step(*args, **kwargs)
+        except torch.OutOfMemoryError as err:
+            raise torch.OutOfMemoryError(self._oom_advice(err)) from err
+
+    def _oom_advice(self, err: BaseException) -> str:
+        groups, n_pos, n_unc = self._step_sizes
+        said = str(err).strip().splitlines()[0] if str(err).strip() else "out of memory"
+        advice = [
+            "model.generated_per_group (N_neg)",
+            "the DataModule's positives per step (data.positives.init_args.classes_per_step / positives_per_class / "
+            "unconditional_per_class for image data, data.positives_per_step for toy and vector data)",
+            f"the drift loss's chunk size model.loss.init_args.max_chunk_elements (now {self.loss.max_chunk_elements})",
+        ]
+        if getattr(self.generator, "gradient_checkpointing", True) is False:
+            advice.append("or recompute activations: model.generator.init_args.gradient_checkpointing true")
+        if str(self.trainer.precision) in ("32", "32-true"):
+            advice.append("or halve activations: trainer.precision bf16-mixed")
+        return (
+            f"out of memory in training step {self.global_step} ({said}). The step had {groups} class group(s) with "
+            f"N_pos={n_pos} positives, N_unc={n_unc} unconditional samples and N_neg={self.hparams.generated_per_group}"
+            " generated samples each. Lower " + "; ".join(advice) + "."
+        )
+
+    def setup(self, stage: str) -> None:
+        precision = self.hparams.float32_matmul_precision
+        if precision == "auto":
+            precision = "high" if self.device.type == "cuda" else None
+        if precision is not None:
+            torch.set_float32_matmul_precision(precision)
+        for name in self.hparams.compile:
+            getattr(self, name).compile()  # compiles lazily at the first call, after any sharding by configure_model
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Name the tensors that differ before Lightning's strict load fails on them. Sharded strategies load (and
+        # check) their own way; without a trainer (export.load_module) the caller chooses strictness.
+        trainer = self._trainer
+        if (trainer is not None and self.strict_loading and "state_dict" in checkpoint
+                and isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy))):  # fmt: skip
+            check_state_fits(self.state_dict(), checkpoint, str(trainer.ckpt_path))
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_started = time.perf_counter()
+        positives, unconditional = batch["positives"], batch.get("unconditional")
+        n_unc = 0 if unconditional is None else unconditional.shape[1]
+        self._step_sizes = (positives.shape[0], positives.shape[1], n_unc)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._update_ema()
@@ -138,9 +243,33 @@ class DriftingModule(pl.LightningModule):
     def _update_ema(self) -> None:
         decay = self.hparams.ema_decay
         ema = list(self.ema_generator.parameters())
-        torch._foreach_lerp_(ema, [p.detach() for p in self.generator.parameters()], 1.0 - decay)
+        with full_parameters(self.generator) as params:  # gathered on every rank when the generator is sharded
+            if len(params) != len(ema):
+                raise RuntimeError(
+                    f"the generator shows {len(params)} parameters, its EMA copy {len(ema)}: under FSDPStrategy keep "
+                    "use_orig_params=True (the default)"
+                )
+            torch._foreach_lerp_(ema, params, 1.0 - decay)
         for e, b in zip(self.ema_generator.buffers(), self.generator.buffers(), strict=True):
             e.copy_(b)
+
+    def configure_model(self) -> None:
+        """Shards the generator under FSDP2 (``ModelParallelStrategy``) or FSDP (``FSDPStrategy``); see
+        ``drifting_lightning.parallel``. Nothing to do on one device or under DDP."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if self.device_mesh is not None:
+            shard_fsdp2(self.generator, self.device_mesh)
+        elif isinstance(strategy, FSDPStrategy):
+            self.generator = wrap_fsdp(self, strategy.root_device)
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        # Lightning's norm clipping refuses FSDP (FSDPStrategy); FSDP's own clip_grad_norm_ is the correct one.
+        norm = gradient_clip_algorithm in (None, "norm")
+        if not (gradient_clip_val and norm and clip_fsdp_gradients(self.generator, gradient_clip_val)):
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
@@ -183,6 +312,17 @@ class DriftingModule(pl.LightningModule):
         out = net(**inputs, labels=None if labels is None else labels.to(device), alpha=alpha)
         net.train(was_training)
         return out
+
+
+@contextlib.contextmanager
+def _highest_matmul_precision() -> Iterator[None]:
+    """Full float32 matmuls inside: the drift loss's distances (|x|^2 + |y|^2 - 2 x.y) cancel, TF32 would not do."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def _grouped(features: dict[str, Tensor], groups: int) -> dict[str, Tensor]:

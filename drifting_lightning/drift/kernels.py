@@ -2,6 +2,8 @@
 
 The drift fields only ever need log k, so a kernel is the map distance -> logit. Distances are plain L2
 (not squared); with feature normalisation they are divided by the batch mean distance first (PAPER.md 3).
+Each kernel allocates its result once and works in place on it: the engine budgets one [rows, N, T] matrix per
+temperature's logits, with no kernel transient beside it.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ class Gaussian(Kernel):
     """Gaussian kernel k = exp(-d^2 / (2 tau^2)): lighter tails, sharper at small tau."""
 
     def logits(self, distance: Tensor, temperature: float) -> Tensor:
-        return distance.square() / (-2.0 * temperature * temperature)
+        return distance.square().mul_(-0.5 / (temperature * temperature))
 
 
 class Cauchy(Kernel):
@@ -42,11 +44,11 @@ class Cauchy(Kernel):
     informative when everything is far apart (a flat Laplace kernel)."""
 
     def logits(self, distance: Tensor, temperature: float) -> Tensor:
-        return -(distance / temperature).square().log1p()
+        return (distance / temperature).square_().log1p_().neg_()
 
 
 class InverseMultiquadric(Kernel):
     """Inverse multiquadric k = (1 + (d / tau)^2)^(-1/2), heavier-tailed still than Cauchy."""
 
     def logits(self, distance: Tensor, temperature: float) -> Tensor:
-        return -0.5 * (distance / temperature).square().log1p()
+        return (distance / temperature).square_().log1p_().mul_(-0.5)

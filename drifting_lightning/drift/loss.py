@@ -6,16 +6,18 @@ up to three passes, in float32 with autocast off and without gradients:
 1. feature scale S (A.6): the weighted mean distance, summed chunk by chunk;
 2. drift normalisation lambda (A.6): sums of V^2 per temperature, V derived from the chunk's one distance matrix
    and dropped;
-3. the force F = sum over tau of V_tau / lambda_tau (V recomputed per chunk), into ONE float32 buffer shaped like the
-   generated features.
+3. the force F = sum over tau of V_tau / lambda_tau, into ONE float32 buffer shaped like the generated features.
+   V is linear in the coefficients W, so F = (sum_tau W_tau / lambda_tau) @ Y - rowsum(...) x: one product per
+   chunk instead of one per temperature.
 The loss MSE(gen / s_in, sg(gen / s_in + F)) is then known without building it: its value is mean F^2 and its
-gradient -2 F / (s_in numel) (``_DriftMSE``), so no prediction or target tensor is kept.
+gradient -2 F / (s_in numel) (``_DriftMSE``), so no prediction or target tensor is kept, and backward scales the
+force buffer in place into the gradient: the loss's only generation-sized memory is the gradient's own.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -30,8 +32,10 @@ from drifting_lightning.drift.kernels import Kernel, Laplace
 
 FeatureDict = Mapping[str, Tensor]
 
-# [rows, N, T] float32 matrices alive at once per chunk: the distances, one temperature's logits (turned into the
-# coefficients in place by MeanShift) and one transient inside the field's log-sum-exp (or a kernel's square).
+# [rows, N, T] float32 matrices alive at once per chunk, at most: the distances, the running sum of the
+# temperatures' coefficients (pass 3) and one temperature's logits, turned into its coefficients in place by
+# MeanShift. The kernels work in place on their result and the log-sum-exp on small slabs
+# (fields.LSE_SLAB_ELEMENTS), so neither adds a matrix.
 LIVE_MATRICES = 3
 # Up to this many channels, distances come from per-channel differences (exact) instead of the matrix product.
 DIRECT_CHANNELS = 8
@@ -40,11 +44,14 @@ DIRECT_CHANNELS = 8
 def chunk_budget_bytes(max_chunk_elements: int, n: int, t: int, c: int) -> int:
     """Upper bound on the working memory of one chunk, in bytes, for N generated samples, T targets, C channels.
 
-    rows = max(1, max_chunk_elements // (N T)); per row LIVE_MATRICES [N, T] matrices plus (T + 2 N) C values: the
-    centred targets [T, C] (generated samples first), one temperature's V [N, C] and the chunk's force [N, C].
+    rows = max(1, max_chunk_elements // (N T)); per row LIVE_MATRICES [N, T] matrices plus (T + N) C values: the
+    centred targets [T, C] (generated samples first) and one [N, C] field, a temperature's V or the chunk's force.
+    All of it is alive at once only in pass 3 without drift normalisation (a temperature's V for the statistics
+    next to the distances, the coefficient sum and that temperature's coefficients); by default a chunk peaks at
+    T C + max(3 N T, 2 N T + N C) values per row.
     """
     rows = max(1, max_chunk_elements // (n * t))
-    return 4 * rows * (LIVE_MATRICES * n * t + (t + 2 * n) * c)
+    return 4 * rows * (LIVE_MATRICES * n * t + (t + n) * c)
 
 
 @dataclass
@@ -73,22 +80,34 @@ class _DriftMSE(torch.autograd.Function):
     """MSE(gen / s_in, sg(gen / s_in + F)) from its value and F alone (PAPER.md 1: the stop-gradient loss).
 
     forward(gen, value, force, grad_scale) returns the precomputed value; backward returns grad_scale * F times the
-    incoming gradient, with grad_scale = -2 / (s_in numel), in gen's dtype and strides. The force buffer is saved
-    through save_for_backward, so it is freed as soon as backward has run.
+    incoming gradient, with grad_scale = -2 / (s_in numel), in gen's dtype and strides. For float32 gen, backward
+    scales the force buffer in place and returns it: F is dead once the gradient exists, and autograd adopts the
+    buffer as gen.grad (same dtype and strides), so the loss holds no memory the gradient would not need anyway.
+    The price: one backward per loss; a second one (retain_graph=True) raises instead of reading a spent buffer.
     """
 
     @staticmethod
     def forward(ctx, gen: Tensor, value: Tensor, force: Tensor, grad_scale: Tensor) -> Tensor:
         ctx.save_for_backward(force, grad_scale)
         ctx.gen_dtype = gen.dtype
+        ctx.spent = False
         return value.clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        if ctx.spent:
+            raise RuntimeError(
+                "DriftingLoss supports one backward per loss: the first turned its force buffer into the gradient "
+                "in place. Compute the loss again instead of backward(retain_graph=True) twice."
+            )
+        ctx.spent = True
         force, grad_scale = ctx.saved_tensors
+        scale = grad_scale * grad_output
+        if force.dtype == ctx.gen_dtype:
+            return force.mul_(scale), None, None, None
         grad = torch.empty_like(force, dtype=ctx.gen_dtype)
-        torch.mul(force, grad_scale * grad_output, out=grad)  # computed in float32, rounded once into gen's dtype
+        torch.mul(force, scale, out=grad)  # computed in float32, rounded once into gen's dtype
         return grad, None, None, None
 
 
@@ -106,15 +125,16 @@ class DriftingLoss(nn.Module):
 
     Memory. max_chunk_elements bounds rows x N x T, the elements of ONE [rows, N, T] distance matrix; rows (whole
     class groups when all L locations of a group fit, else locations of one group; at least one row) are processed
-    in chunks under it. Per chunk at most LIVE_MATRICES = 3 such float32 matrices are alive (the distances, one
-    temperature's logits that MeanShift turns into coefficients in place, one transient of its log-sum-exp) and
-    (T + 2 N) x C float32 values per row: the centred targets [rows, T, C] (generated samples first), one
-    temperature's V [rows, N, C] and the chunk's force [rows, N, C]. So the chunk budget is
-    ``chunk_budget_bytes`` = 4 B x rows x (3 N T + (T + 2 N) C). Beyond it the loss holds one float32 force buffer
-    the size of the generated features from the forward to the backward, which allocates the gradient, and small
-    per-row vectors. Other fields (MMD, Sinkhorn) hold a few more [rows, N, T] temporaries. With a single chunk the
-    targets and distances are kept across the passes; with no bound (None, one chunk of all rows) every
-    temperature's V is kept from pass 2 to pass 3 too, trading T [R, N, C] buffers for the recomputation.
+    in chunks under it. Per chunk at most LIVE_MATRICES = 3 such float32 matrices are alive (the distances, the sum
+    of the temperatures' coefficients in pass 3, one temperature's logits that MeanShift turns into coefficients in
+    place; its log-sum-exps work on small slabs) and (T + N) x C float32 values per row: the centred targets
+    [rows, T, C] (generated samples first) and one field [rows, N, C], a temperature's V or the chunk's force. So
+    the chunk budget is ``chunk_budget_bytes`` = 4 B x rows x (3 N T + (T + N) C). Beyond it the loss holds one
+    float32 force buffer the size of the generated features from the forward to the backward, which becomes the
+    gradient in place (float32 gen), and per-row vectors of a chunk. SinkhornDrift holds a few more [rows, N, T]
+    temporaries. With a single chunk the targets and distances are kept across the passes; with no
+    bound (None, one chunk of all rows) every temperature's V is kept from pass 2 to pass 3 too, trading the
+    temperatures' [R, N, C] buffers for the recomputation.
     """
 
     def __init__(
@@ -197,9 +217,15 @@ class DriftingLoss(nn.Module):
         n_neg = t - pos.shape[1]
         r, n_stats, taus = g * loc, (g if self.statistics == "group" else 1), self.temperatures
         device, f32 = gen.device, torch.float32
-        chunks = self._chunks(g, loc, r if self.max_chunk_elements is None else self.max_chunk_elements // (n * t),
-                              weights, device)
+        spans = self._spans(g, loc, r if self.max_chunk_elements is None else self.max_chunk_elements // (n * t))
+        single = len(spans) == 1
         need_grad = gen.requires_grad and torch.is_grad_enabled()
+
+        def chunks() -> Iterator[_Chunk]:
+            # One at a time: a chunk's stat ids and column weights are per-row tensors, R x T values for all chunks.
+            for groups, locs in spans:
+                yield self._chunk(groups, locs, weights, device)
+
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
             # One chunk: its targets and distances serve every pass ("all temperatures from one cdist").
             cache: list[tuple[Tensor, Tensor]] = []
@@ -209,7 +235,7 @@ class DriftingLoss(nn.Module):
                     return cache[0]
                 y = _targets(parts, ch, n)
                 y_d = (y, _distances(y, n))
-                if len(chunks) == 1:
+                if single:
                     cache.append(y_d)
                 return y_d
 
@@ -217,7 +243,7 @@ class DriftingLoss(nn.Module):
             ones = torch.ones(n_stats, dtype=f32, device=device)
             if self.feature_normalization:
                 dw_sum, w_sum = torch.zeros_like(ones), torch.zeros_like(ones)
-                for ch in chunks:
+                for ch in chunks():
                     column_sums = prepared(ch)[1].sum(1)  # [rows, T]
                     rows_w = column_sums.new_full((1, t), 1.0) if ch.weights is None else ch.weights
                     dw_sum.index_add_(0, ch.stat_ids, (column_sums * rows_w).sum(-1))
@@ -229,24 +255,28 @@ class DriftingLoss(nn.Module):
                 scale = s_in = ones
             d_div = scale.clamp_min(1e-3)
 
-            def temperature_fields(ch: _Chunk):
-                """V [rows, N, C] per temperature in feature units: V of x / s_in is V / s_in, so the features
-                need no scaled copy and lambda is taken on V / s_in."""
-                y, d = prepared(ch)
+            def coefficients(ch: _Chunk, d: Tensor) -> Iterator[Tensor]:
+                """W [rows, N, T] per temperature, acting on the features in their own units: V of x / s_in is
+                V / s_in, so the features need no scaled copy and lambda is taken on V / s_in."""
                 for tau in taus:
                     # Kernels depend on d / tau only, so k(d / S, tau) = k(d, tau * S): no normalised copy of d.
-                    yield self._field(d, y, n, n_neg, d_div[ch.stat_ids, None, None] * tau, ch.weights)
+                    yield self._coefficients(d, n_neg, d_div[ch.stat_ids, None, None] * tau, ch.weights)
 
             # Pass 2, A.6 drift normalisation: lambda_tau = sqrt(mean (V_tau / s_in)^2) per stat group.
             raw_sq = torch.zeros(len(taus), n_stats, dtype=f32, device=device)  # this rank's sum of V^2
             kept: list[Tensor] = []
             if self.drift_normalization:
-                for ch in chunks:
-                    for k, v in enumerate(temperature_fields(ch)):
+                keep = single and self.max_chunk_elements is None
+                for ch in chunks():
+                    y, d = prepared(ch)
+                    for k, coef in enumerate(coefficients(ch, d)):
+                        v = apply_coefficients(coef, y[:, :n], y)
+                        del coef  # before the next temperature's logits exist
                         raw_sq[k].index_add_(0, ch.stat_ids, _sq_norms(v))
-                        if len(chunks) == 1 and self.max_chunk_elements is None:
+                        if keep:
                             kept.append(v)
                         del v
+                    del y, d  # before the next chunk's are built
                 counts = torch.full_like(ones, r // n_stats * n * c)
                 sq, counts = self._reduce(raw_sq, counts)
                 lam = (sq / (counts * s_in.square())).clamp_min(1e-8).sqrt()
@@ -260,14 +290,23 @@ class DriftingLoss(nn.Module):
             force = torch.empty_like(gen, dtype=f32) if need_grad else None
             force_loc = None if force is None else _locations(force)
             f_sq = torch.zeros((), dtype=f32, device=device)
-            for ch in chunks:
-                f_c: Tensor | None = None
-                for k, v in enumerate((kept.pop(0) for _ in taus) if kept else temperature_fields(ch)):
-                    if not self.drift_normalization:
-                        raw_sq[k].index_add_(0, ch.stat_ids, _sq_norms(v))
-                    f_rows = factor[k, ch.stat_ids, None, None]
-                    f_c = v.mul_(f_rows) if f_c is None else f_c.addcmul_(v, f_rows)
-                    del v
+            for ch in chunks():
+                if kept:
+                    f_c = kept.pop(0).mul_(factor[0, ch.stat_ids, None, None])
+                    for k in range(1, len(taus)):
+                        f_c.addcmul_(kept.pop(0), factor[k, ch.stat_ids, None, None])
+                else:
+                    y, d = prepared(ch)
+                    w_sum = None  # sum_tau W_tau / (s_in lambda_tau): V is linear in W, so one product per chunk
+                    for k, coef in enumerate(coefficients(ch, d)):
+                        if not self.drift_normalization:  # the statistics still need each temperature's own V
+                            raw_sq[k].index_add_(0, ch.stat_ids, _sq_norms(apply_coefficients(coef, y[:, :n], y)))
+                        f_rows = factor[k, ch.stat_ids, None, None]
+                        w_sum = coef.mul_(f_rows) if w_sum is None else w_sum.addcmul_(coef, f_rows)
+                        del coef
+                    del d
+                    f_c = apply_coefficients(w_sum, y[:, :n], y)
+                    del y, w_sum
                 f_sq += _sq_norms(f_c).sum()
                 if force_loc is not None:
                     gs, ls = ch.shape
@@ -289,34 +328,32 @@ class DriftingLoss(nn.Module):
             stats[f"drift_sq_norm/tau{tau:g}"] = raw_sq[k].sum() / (r * n)
         return loss, stats
 
-    def _field(self, d: Tensor, y: Tensor, n: int, n_neg: int, temperature: Tensor, weights: Tensor | None) -> Tensor:
-        """One temperature's V [rows, N, C] from distances d [rows, N, T] and targets y [rows, T, C]; the logits and
-        coefficients die with this frame, so at most one [rows, N, T] matrix outlives a temperature (d)."""
+    def _coefficients(self, d: Tensor, n_neg: int, temperature: Tensor, weights: Tensor | None) -> Tensor:
+        """One temperature's coefficients W [rows, N, T] from distances d [rows, N, T]: the kernel's logits, which
+        MeanShift turns into W in place, so W is the one [rows, N, T] matrix that outlives this frame (with d)."""
         logits = self.kernel.logits(d, temperature)
         if self.mask_self and self.field.masks_self:
             mask_self_pairs(logits)
-        coef = self.field.coefficients(logits, n_neg, weights)
-        del logits
-        return apply_coefficients(coef, y[:, :n], y)  # Alg. 2: V = W @ Y - rowsum(W) x
+        return self.field.coefficients(logits, n_neg, weights)
 
-    def _chunks(self, g: int, loc: int, rows: int, weights: Tensor | None, device: torch.device) -> list[_Chunk]:
-        """Chunks of at most ``rows`` rows (at least one): whole class groups if a group's locations fit, else
-        locations of one group, so that every chunk is a plain slice of the [G, K, L, C] features."""
+    @staticmethod
+    def _spans(g: int, loc: int, rows: int) -> list[tuple[slice, slice]]:
+        """(groups, locations) of chunks of at most ``rows`` rows (at least one): whole class groups if a group's
+        locations fit, else locations of one group, so that every chunk is a plain slice of [G, K, L, C] features."""
         rows = max(1, rows)
         if rows >= loc:
             step = rows // loc
-            spans = [(slice(a, min(a + step, g)), slice(0, loc)) for a in range(0, g, step)]
-        else:
-            spans = [(slice(a, a + 1), slice(b, min(b + rows, loc))) for a in range(g) for b in range(0, loc, rows)]
-        chunks = []
-        for groups, locs in spans:
-            ls = locs.stop - locs.start
-            ids = torch.arange(groups.start, groups.stop, device=device).repeat_interleave(ls)
-            if self.statistics == "batch":
-                ids = torch.zeros_like(ids)
-            w = None if weights is None else weights[groups].repeat_interleave(ls, dim=0)
-            chunks.append(_Chunk(groups, locs, ids, w))
-        return chunks
+            return [(slice(a, min(a + step, g)), slice(0, loc)) for a in range(0, g, step)]
+        return [(slice(a, a + 1), slice(b, min(b + rows, loc))) for a in range(g) for b in range(0, loc, rows)]
+
+    def _chunk(self, groups: slice, locs: slice, weights: Tensor | None, device: torch.device) -> _Chunk:
+        """The rows of one span: their stat ids and column weights, row = (group, location)."""
+        ls = locs.stop - locs.start
+        ids = torch.arange(groups.start, groups.stop, device=device).repeat_interleave(ls)
+        if self.statistics == "batch":
+            ids = torch.zeros_like(ids)
+        w = None if weights is None else weights[groups].repeat_interleave(ls, dim=0)
+        return _Chunk(groups, locs, ids, w)
 
     def _reduce(self, *sums: Tensor) -> tuple[Tensor, ...]:
         if not (self.distributed_statistics and self.statistics == "batch"):

@@ -204,7 +204,13 @@ class MAEPretraining(pl.LightningModule):
         masked = target * keep
         taps = self.encoder(masked)
         pred = self.decoder([taps[n] for n in self.encoder.skip_names])
-        out = {"recon": reconstruction_loss(pred, target, keep), "masked": masked, "pred": pred, "target": target}
+        out = {
+            "recon": reconstruction_loss(pred, target, keep),
+            "masked": masked,
+            "pred": pred,
+            "target": target,
+            "keep": keep,
+        }
         out["loss"] = out["recon"]
         if self.classifier is not None:
             if labels is None:
@@ -226,7 +232,7 @@ class MAEPretraining(pl.LightningModule):
                 self.log(f"mae/{k}", out[k].detach(), prog_bar=k == "loss", batch_size=images.shape[0])
         every = self.hparams.log_images_every_n_steps
         if every > 0 and self.global_step % every == 0 and self.trainer.is_global_zero:
-            self.log_images(out["masked"], out["pred"], out["target"])
+            self.log_images(out["masked"], out["pred"], out["target"], out["keep"])
         return out["loss"]
 
     @torch.no_grad()
@@ -243,13 +249,16 @@ class MAEPretraining(pl.LightningModule):
             e.copy_(b)
 
     @torch.no_grad()
-    def log_images(self, masked: Tensor, pred: Tensor, target: Tensor, n: int = 8) -> None:
-        """Rows masked input / reconstruction / original, first 3 channels, scaled by the originals' range."""
+    def log_images(self, masked: Tensor, pred: Tensor, target: Tensor, keep: Tensor, n: int = 8) -> None:
+        """Rows masked input / reconstruction pasted into the masked patches / raw reconstruction / original, first
+        3 channels, scaled by the originals' range. The loss sees only masked patches, so the raw reconstruction
+        of visible patches is untrained and noisy; the pasted row is the one to judge."""
         import torchvision
 
         p = self.hparams.patchify
-        rows = [unpatchify(t[:n].detach().float(), p)[:, :3] for t in (masked, pred, target)]
-        lo, hi = rows[2].amin(), rows[2].amax()
+        pasted = torch.where(keep.bool(), target, pred)
+        rows = [unpatchify(t[:n].detach().float(), p)[:, :3] for t in (masked, pasted, pred, target)]
+        lo, hi = rows[-1].amin(), rows[-1].amax()
         grid = torchvision.utils.make_grid(
             ((torch.cat(rows) - lo) / (hi - lo).clamp(min=1e-8)).clamp(0, 1), nrow=rows[0].shape[0], padding=1
         )

@@ -163,6 +163,8 @@ class DiT(Generator):
 
     With the defaults (32 style tokens x 64 entries, 16 context tokens) B/2 has 132.5M parameters and L/2 461.4M
     (paper: 133M, 463M). ``gradient_checkpointing`` recomputes each block in the backward pass while training.
+    ``init_output_std``: 0 is DiT's zero-initialised output layer (every sample starts at exactly 0, whatever the
+    noise); s > 0 draws the output layer so that initial samples have std about s and already depend on the noise.
     """
 
     def __init__(
@@ -180,8 +182,11 @@ class DiT(Generator):
         style_codebook_size: int = 64,
         num_context_tokens: int = 16,
         gradient_checkpointing: bool = False,
+        init_output_std: float = 0.0,
     ) -> None:
         super().__init__()
+        if init_output_std < 0:
+            raise ValueError(f"init_output_std must be >= 0, got {init_output_std}")
         if preset not in DIT_PRESETS:
             raise ValueError(f"unknown DiT preset {preset!r}; valid presets: {', '.join(DIT_PRESETS)}")
         given = (input_size, in_channels, patch_size, hidden_size, depth, num_heads, mlp_ratio, num_classes)
@@ -214,6 +219,7 @@ class DiT(Generator):
         self.patch_size, self.grid, self.num_heads = p, size // p, heads
         self.num_style_tokens, self.style_codebook_size = num_style_tokens, style_codebook_size
         self.gradient_checkpointing = gradient_checkpointing
+        self.init_output_std = init_output_std
 
         self.patch_embed = nn.Conv2d(chans, dim, kernel_size=p, stride=p)
         self.class_embed = nn.Embedding(self.num_classes, dim) if self.num_classes > 0 else None
@@ -245,6 +251,9 @@ class DiT(Generator):
         for ada in [b.ada[-1] for b in self.blocks] + [self.final.ada[-1], self.final.linear]:
             nn.init.zeros_(ada.weight)
             nn.init.zeros_(ada.bias)
+        if self.init_output_std > 0:
+            # The final norm gives unit-RMS features, so a weight std of s / sqrt(D) gives outputs of std about s.
+            nn.init.normal_(self.final.linear.weight, std=self.init_output_std / self.final.linear.in_features**0.5)
 
     def draw_inputs(
         self, n: int, device: torch.device | str | None = None, generator: torch.Generator | None = None

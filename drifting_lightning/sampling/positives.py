@@ -7,10 +7,13 @@ guidance weight of PAPER.md section 5). Two sources, picked by name (``--data.po
 - ``ClassAwareSampler``: the class-aware loader the paper calls the more principled design (default).
 - ``ClassQueue``: the paper's MoCo-style per-class queue (128 per class, 1000 unconditional, push 64 per step).
 
-Randomness is counter-based: the draw of step s comes from generators seeded by (seed, stream, s, rank), so the
+Randomness is counter-based: the draw of step s comes from generators seeded by (seed, stream, s, key), so the
 state of a stream is its step counter (plus the queue contents for ``ClassQueue``), a resume continues it exactly,
 and any process can replay it. Labels come from a stream shared by all ranks and are split between ranks, so a
-class group never spans ranks and ranks get different labels whenever Nc * world_size <= num_classes.
+class group never spans ranks and ranks get different labels whenever Nc * world_size <= num_classes. A group's
+items come from its own generator, keyed by the group's index in the global batch (rank r holds groups r Nc to
+r Nc + Nc - 1): when Nc * world_size <= num_classes, the global batch of a step is the same for every split of
+its groups over ranks (2 ranks x 5 groups draw what 1 rank x 10 groups draws).
 """
 
 from __future__ import annotations
@@ -136,6 +139,12 @@ class PositiveSource:
         """
         return np.random.default_rng([self.seed, stream, step, 0 if shared else self.rank])
 
+    def group_rngs(self, stream: int, step: int) -> list[np.random.Generator]:
+        """One generator per class group of this rank at ``step``, keyed by the group's index in the global batch,
+        so that a group's draw does not depend on how many ranks share the batch."""
+        first = self.rank * self.classes_per_step
+        return [np.random.default_rng([self.seed, stream, step, first + g]) for g in range(self.classes_per_step)]
+
     def draw(self) -> PositiveDraw:
         """The next step's indices (advances the stream by one step)."""
         raise NotImplementedError
@@ -197,12 +206,11 @@ class ClassAwareSampler(PositiveSource):
     def draw(self) -> PositiveDraw:
         self._check_setup()
         labels = self.step_labels(self.step)
-        rng = self.rng(_INDICES, self.step)
-        pos = []
-        for c in labels:
+        pos, unc = [], []
+        for c, rng in zip(labels, self.group_rngs(_INDICES, self.step), strict=True):
             members = self.members(c)
             pos.append(members[self.choose(len(members), self.positives_per_class, rng)])
-        unc = [self.choose(self.num_items, self.unconditional_per_class, rng) for _ in labels]
+            unc.append(self.choose(self.num_items, self.unconditional_per_class, rng))
         self.step += 1
         return _as_draw(labels, pos, unc)
 
@@ -220,6 +228,11 @@ class ClassQueue(PositiveSource):
     if it holds fewer than Npos) and its unconditional items the same way from the unconditional queue. Queues are
     filled at set-up, so the first steps are valid. The queues are global: the pushes come from the stream shared
     by all ranks, so every rank holds the same queues and the state saved by rank 0 restores every rank.
+
+    Sizing across ranks: ``push_per_step`` and the queue sizes are per run, not per rank, so the same values give
+    the same queue dynamics on any number of ranks (while every rank draws its Nc groups from them). Queues kept
+    per host, as in the authors' code, take in push x hosts items per step, which is why they raise the push on
+    fewer hosts; to match such a run of H hosts, set ``push_per_step`` to H times its per-host push.
     """
 
     def __init__(
@@ -319,14 +332,13 @@ class ClassQueue(PositiveSource):
         self._check_setup()
         self.push(self.fresh_items(self.push_per_step))
         labels = self.step_labels(self.step)
-        rng = self.rng(_INDICES, self.step)
         # A queue may hold an item twice (pushed again before it left): sample among the distinct items.
-        pos = []
-        for c in labels:
+        unc_pool = np.unique(self.unc_queue[: self.unc_len])
+        pos, unc = [], []
+        for c, rng in zip(labels, self.group_rngs(_INDICES, self.step), strict=True):
             pool = np.unique(self.queues[c, : self.queue_len[c]])
             pos.append(pool[self.choose(len(pool), self.positives_per_class, rng)])
-        pool = np.unique(self.unc_queue[: self.unc_len])
-        unc = [pool[self.choose(len(pool), self.unconditional_per_class, rng)] for _ in labels]
+            unc.append(unc_pool[self.choose(len(unc_pool), self.unconditional_per_class, rng)])
         self.step += 1
         return _as_draw(labels, pos, unc)
 

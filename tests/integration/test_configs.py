@@ -17,6 +17,10 @@ CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.y
 
 TOY_TINY = ["--model.init_args.generated_per_group", "32", "--data.init_args.positives_per_step", "32"]
 TINY_POSITIVES = ["--data.init_args.positives.init_args.positives_per_class", "4"]
+CHECKPOINT_IN_TMP = (
+    '[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", '
+    '"init_args": {"dirpath": "{tmp}/checkpoints", "save_last": true}}]'
+)
 
 # Per config: overrides that keep a run to a few seconds on CPU ({tmp} is the test's tmp_path).
 RUNS: dict[str, list[str]] = {
@@ -24,13 +28,16 @@ RUNS: dict[str, list[str]] = {
     "configs/digits.yaml": ["--model.init_args.generated_per_group", "4", *TINY_POSITIVES,
                             "--data.init_args.positives.init_args.unconditional_per_class", "2"],
     "configs/mae/digits.yaml": ["--model.init_args.width", "8", *TINY_POSITIVES],
+    # Its ModelCheckpoint writes to a fixed dirpath under runs/ (fashion_mnist_mae.yaml reads it): redirect it.
     "configs/mae/fashion_mnist.yaml": ["--model.init_args.width", "8", "--data.init_args.root", "{tmp}",
-                                       *TINY_POSITIVES],
+                                       *TINY_POSITIVES, "--trainer.callbacks", CHECKPOINT_IN_TMP],
 }
 
 # Configs whose few-step run needs fixtures built by their own test.
 COVERED_ELSEWHERE = {
     "configs/classifier/fashion_mnist.yaml": "tests/integration/test_classifier_config.py",
+    "configs/fashion_mnist.yaml": "tests/integration/test_fashion_configs.py",
+    "configs/fashion_mnist_mae.yaml": "tests/integration/test_fashion_configs.py",
     "configs/imagenet.yaml": "tests/integration/test_imagenet_config.py",
     "configs/imagenet_pixel.yaml": "tests/integration/test_imagenet_config.py",
     "configs/mae/imagenet_latent.yaml": "tests/integration/test_imagenet_config.py",

@@ -8,6 +8,7 @@ trains on the latents. The overrides go in a second --config file (a YAML ``null
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ import yaml
 from drifting_lightning.data import latent_shards as shards
 from drifting_lightning.data.latents import encode_latents
 from tests.integration.cli_helpers import REPO, run_drifting
+from tests.unit.test_inception_path import random_weights  # noqa: F401  (a fixture)
 from tests.unit.test_vae_latents import make_image_folder, make_tiny_vae
 
 TINY_GROUPS = {"positives": {"init_args": {"classes_per_step": 2, "positives_per_class": 4,
@@ -43,18 +45,27 @@ def fit(config: str, overrides: dict, tmp_path: Path) -> Path:
     return next((tmp_path / "runs").glob("*/version_0"))
 
 
-def test_imagenet_latent_config_encodes_then_trains(tmp_path: Path):
+def small_callbacks(config: str, inception_weights: Path) -> list[dict]:
+    """The config's own callbacks at test size: the Inception FID on 8 samples with random weights."""
+    callbacks = yaml.safe_load((REPO / "configs" / config).read_text())["trainer"]["callbacks"]
+    frechet = next(c for c in callbacks if c["class_path"].endswith("FrechetCallback"))
+    frechet["init_args"].update(num_samples=8, num_reference=8, batch_size=4, weights=str(inception_weights))
+    return callbacks
+
+
+def test_imagenet_latent_config_encodes_then_trains(tmp_path: Path, random_weights: Path):  # noqa: F811
     vae = make_tiny_vae(tmp_path / "vae")
     images = make_image_folder(tmp_path / "images")
     cache = tmp_path / "latents"
     run = fit(
         "imagenet.yaml",
         {
-            "trainer": trainer_overrides(tmp_path),
+            "trainer": {**trainer_overrides(tmp_path), "callbacks": small_callbacks("imagenet.yaml", random_weights)},
             "model": {"init_args": {
                 "generator": {"init_args": {"preset": "tiny"}},
                 "encoder": {"init_args": {"width": 8, "checkpoint": None}},
                 "generated_per_group": 4,
+                "vae": str(vae),
             }},
             "data": {"init_args": {
                 "root": str(cache), "data": str(images), "vae": str(vae), "resolution": 64, "num_workers": 0,
@@ -76,6 +87,15 @@ def test_imagenet_latent_config_encodes_then_trains(tmp_path: Path):
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 2 and ckpt["LatentDataModule"]["positives"]["step"] == 2
     assert any(p.name.startswith("events.out.tfevents") for p in run.iterdir())
+    # The grid and the FID see images decoded by the tiny VAE (64x64 RGB), not 4-channel latents.
+    from PIL import Image
+
+    grid = Image.open(run / "grid_final_alpha1.0.png")
+    assert grid.mode == "RGB" and grid.size[0] > 8 * 64
+    fid = json.loads((run / "fd_inception.json").read_text())
+    assert fid["num_samples"] == 8 and fid["alphas"] == [1.0, 1.1, 1.5]
+    values = fid["history"][-1]
+    assert values["step"] == 2 and all(v > 0 for k, v in values.items() if k != "step")
 
 
 def test_imagenet_pixel_config_trains(tmp_path: Path):

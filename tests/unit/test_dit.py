@@ -178,6 +178,7 @@ def test_rope_depends_on_relative_position_only():
         ({"preset": "tiny", "input_size": 30, "patch_size": 4}, "input_size=30.*patch_size=4"),
         ({"preset": "tiny", "num_heads": 3}, "num_heads=3"),
         ({"preset": "tiny", "num_context_tokens": -1}, "num_context_tokens"),
+        ({"preset": "tiny", "init_output_std": -0.1}, "init_output_std"),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -230,3 +231,18 @@ def test_jsonargparse_builds_from_config():
     instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in 4.49
     model = instantiate(cfg).model
     assert isinstance(model, DiT) and len(model.blocks) == 1 and model.num_classes == 0
+
+
+@pytest.mark.parametrize("std", [0.25, 0.5, 1.0])
+def test_init_output_std_spreads_initial_samples_by_noise(std):
+    torch.manual_seed(0)
+    model = DiT("digits", init_output_std=std)
+    inputs = model.draw_inputs(512, generator=torch.Generator().manual_seed(1))
+    labels = torch.zeros(512, dtype=torch.long)  # one class and one alpha: any spread comes from the noise
+    with torch.no_grad():
+        out = model(**inputs, labels=labels, alpha=1.0)
+    assert out.std().item() == pytest.approx(std, rel=0.2)
+    assert out.std(0).mean().item() > 0.5 * std  # per pixel across samples, not a fixed pattern
+    zero = DiT("digits")
+    with torch.no_grad():
+        assert zero(**inputs, labels=labels, alpha=1.0).abs().max().item() == 0.0

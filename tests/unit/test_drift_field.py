@@ -245,16 +245,21 @@ def test_self_pair_stays_masked_for_a_flat_kernel(kernel):
 # Numerics.
 
 
-def test_logsumexp_with_one_temporary_equals_torchs():
-    """fields._logsumexp (one temporary instead of two) is torch.logsumexp, masked and infinite entries included."""
-    from drifting_lightning.drift.fields import _logsumexp
+@pytest.mark.parametrize("slab", [2**17, 70, 1])
+def test_logsumexp_over_slabs_equals_torchs(slab, monkeypatch):
+    """fields._logsumexp (its exp transient one reused slab of dim-0 entries) is torch.logsumexp, masked and infinite
+    entries included, whether the slab holds all entries, two of them (and a short last one) or one."""
+    from drifting_lightning.drift import fields
 
+    monkeypatch.setattr(fields, "LSE_SLAB_ELEMENTS", slab)
     x = randn(3, 5, 7, seed=20, scale=30.0)
     x[0, 1, 2] = torch.finfo(torch.float32).min
     x[1, :, 3] = torch.finfo(torch.float32).min  # a whole column masked
     x[2, 4, :] = -math.inf  # a whole row at -inf
-    for dim in (-1, -2):
-        torch.testing.assert_close(_logsumexp(x, dim), x.logsumexp(dim, keepdim=True), rtol=1e-6, atol=1e-6)
+    for dim in (-1, -2, 1, 2):
+        torch.testing.assert_close(fields._logsumexp(x, dim), x.logsumexp(dim, keepdim=True), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="dim 0"):
+        fields._logsumexp(x, 0)
 
 
 @pytest.mark.parametrize("name", list(FIELDS))

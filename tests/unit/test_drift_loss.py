@@ -55,7 +55,7 @@ def close(a, b, tol=1e-5):
     torch.testing.assert_close(a, b, atol=tol * (1 + b.abs().max().item()), rtol=tol)
 
 
-def field_by_hand(gen, pos, neg, w, taus=TAUS):
+def field_by_hand(gen, pos, neg, w, taus=TAUS, drift_normalization=True):
     """Summed normalised field F [G, N, C] and s_in, built from drift_field per temperature (PAPER.md 3).
 
     Scaled features x / s_in with s_in = S / sqrt(C) and temperature tau * sqrt(C) reproduce logits -d / (S tau).
@@ -71,7 +71,7 @@ def field_by_hand(gen, pos, neg, w, taus=TAUS):
     force = torch.zeros_like(x)
     for tau in taus:
         v = drift_field(x / s_in, pos / s_in, torch.cat([x, neg], 1) / s_in, tau * math.sqrt(c), neg_weights=neg_w)
-        force += v / v.square().mean().sqrt()
+        force += v / v.square().mean().sqrt() if drift_normalization else v
     return force, s_in, s
 
 
@@ -127,6 +127,29 @@ def test_gradient_is_minus_two_force_and_value_is_mean_square_force(shape):
     close(stats["x/scale"], s)
 
 
+@pytest.mark.parametrize("loc", [None, 3])
+def test_without_drift_normalization_the_force_is_the_plain_sum(loc):
+    """drift_normalization=False: F = sum_tau V_tau in normalised units, chunked or not (pass 3 then also collects
+    the statistics, from each temperature's own V next to the summed coefficients)."""
+    g, n, p, m, c = 2, 5, 4, 3, 6
+    gen, pos, neg, w = make(g, n, p, m, c, seed=17, loc=loc)
+
+    def rows(t):
+        return t if loc is None else t.transpose(1, 2).reshape(g * loc, t.shape[1], c)
+
+    force, s_in, _ = field_by_hand(rows(gen), rows(pos), rows(neg), w.repeat_interleave(loc or 1, 0),
+                                   drift_normalization=False)
+    normalised = DriftingLoss()(gen, pos, neg, w).stats
+    for chunk in (None, 2 * n * (n + m + p)):
+        value, grad, stats = value_and_grad(DriftingLoss(drift_normalization=False, max_chunk_elements=chunk),
+                                            gen, pos, neg, w)
+        close(rows(grad), -2 * force / (s_in * gen.numel()))
+        close(value, force.square().mean())
+        for tau in TAUS:  # the raw drift, the same as with drift normalisation
+            assert stats[f"x/lambda/tau{tau:g}"] == 1
+            close(stats[f"x/drift_sq_norm/tau{tau:g}"], normalised[f"x/drift_sq_norm/tau{tau:g}"])
+
+
 def test_statistics_report_the_raw_drift():
     """drift_sq_norm/tau is the un-normalised mean ||V||^2 in feature units: an honest progress signal."""
     gen, pos, neg, w = make(3, 6, 5, 2, 4, seed=3)
@@ -165,6 +188,29 @@ def test_the_graph_keeps_one_force_buffer_and_no_targets():
     assert gen.numel() * 4 <= sum(saved) <= gen.numel() * 4 + 64, saved
     (grad,) = torch.autograd.grad(loss, gen)
     assert grad.shape == gen.shape and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("loc", [None, 4])
+def test_the_gradient_is_the_force_buffer_scaled_in_place(loc):
+    """For float32 gen, backward turns the force buffer into the gradient and autograd adopts it as gen.grad, so the
+    loss adds no gen-sized buffer to the gradient's own; a second backward through the same loss raises."""
+    gen, pos, neg, w = make(3, 6, 5, 2, 8, seed=12, loc=loc)
+    addresses = []
+
+    def pack(t):
+        addresses.append(t.data_ptr())  # the address only: holding the tensor would stop autograd adopting it
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = DriftingLoss(max_chunk_elements=2 * 6 * 13)(gen, pos, neg, w).loss
+    loss.backward()
+    assert gen.grad.data_ptr() in addresses
+    expected = gen.grad.clone()
+    loss = DriftingLoss(max_chunk_elements=2 * 6 * 13)(gen, pos, neg, w).loss
+    loss.backward(retain_graph=True)
+    close(gen.grad, 2 * expected)  # accumulates into the existing gradient
+    with pytest.raises(RuntimeError, match="one backward per loss"):
+        loss.backward()
 
 
 def test_gradient_follows_the_incoming_gradient_and_gens_strides():

@@ -1,0 +1,232 @@
+"""Resuming `drifting fit`: --ckpt_path last continues the same run bit for bit (weights, EMA, optimiser, scheduler,
+sampler position, random streams, loss curve); SIGTERM/SIGINT stop cleanly with a loadable last.ckpt; a corrupted or
+foreign checkpoint is refused with a message."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from drifting_lightning.callbacks.resilience import AtomicCheckpointIO, TrainingRNG
+from drifting_lightning.data.toy import ToyDataModule
+from drifting_lightning.models.mlp import MLPGenerator
+from drifting_lightning.module import DriftingModule
+from tests.integration.cli_helpers import REPO, run_drifting
+
+TOY = str(REPO / "configs" / "toy" / "checkerboard.yaml")
+DIGITS = str(REPO / "configs" / "digits.yaml")
+# 5 steps per epoch, so that runs cross epoch boundaries and stop in the middle of an epoch.
+TOY_ARGS = ["--config", TOY, "--trainer.callbacks=[]", "--trainer.logger.init_args.name", "toy",
+            "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false", "--data.init_args.steps_per_epoch", "5",
+            "--model.init_args.generated_per_group", "64", "--data.init_args.positives_per_step", "64"]  # fmt: skip
+
+
+def toy(save_dir: Path, steps: int, *extra: str) -> list[str]:
+    return ["fit", *TOY_ARGS, "--trainer.logger.init_args.save_dir", str(save_dir), "--trainer.max_steps", str(steps),
+            *extra]  # fmt: skip
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def losses(run: Path) -> dict[int, float]:
+    """train/loss by step from every TensorBoard event file of a run folder (a resumed run adds a file)."""
+    events = EventAccumulator(str(run))
+    events.Reload()
+    return {e.step: e.value for e in events.Scalars("train/loss")}
+
+
+def assert_same_training_state(a: dict, b: dict) -> None:
+    assert a["global_step"] == b["global_step"]
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key, value in a["state_dict"].items():  # generator and EMA
+        assert torch.equal(value, b["state_dict"][key]), key
+    opt_a, opt_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    assert opt_a.keys() == opt_b.keys()
+    for i, slots in opt_a.items():
+        for name, value in slots.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(opt_b[i][name])), (i, name)
+    assert a["lr_schedulers"] == b["lr_schedulers"]
+    assert a["loops"]["fit_loop"]["epoch_loop.batch_progress"] == b["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+
+
+def test_resume_from_last_matches_the_uninterrupted_run(tmp_path: Path):
+    """12 steps straight vs 7 steps + `--ckpt_path last` to 12, in-process: bitwise the same state and loss curve.
+    Step 7 is in the middle of epoch 1, so the stream position inside an epoch is exercised."""
+    straight = run_drifting(*toy(tmp_path / "straight", 12))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    # The first segment already passes --ckpt_path last: with nothing to resume it starts a new run.
+    first = run_drifting(*toy(tmp_path / "resumed", 7, "--ckpt_path", "last"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "no last.ckpt" in first.stderr and "starting a new run" in first.stderr
+    run = tmp_path / "resumed" / "toy" / "version_0"
+    assert load(run / "checkpoints" / "last.ckpt")["ToyDataModule"] == {"epoch": 1, "batch": 2}
+    second = run_drifting(*toy(tmp_path / "resumed", 12, "--ckpt_path", "last"))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"resuming from {run / 'checkpoints' / 'last.ckpt'}" in second.stderr
+    # The resumed run continued in the same version folder instead of starting version_1.
+    assert [p.name for p in (tmp_path / "resumed" / "toy").iterdir()] == ["version_0"]
+    expected = load(tmp_path / "straight" / "toy" / "version_0" / "checkpoints" / "last.ckpt")
+    resumed = load(run / "checkpoints" / "last.ckpt")
+    assert expected["global_step"] == 12
+    assert_same_training_state(expected, resumed)
+    assert expected["ToyDataModule"] == resumed["ToyDataModule"] == {"epoch": 2, "batch": 2}
+    curve = losses(tmp_path / "straight" / "toy" / "version_0")
+    assert sorted(curve) == list(range(12))
+    assert losses(run) == curve
+
+
+def test_digits_resume_continues_queue_sampler_and_guidance(tmp_path: Path):
+    """The class-conditional path (DiT, guidance alpha, MoCo-style class queues): 4 steps straight vs 2 + resume."""
+    args = ["--config", DIGITS, "--trainer.callbacks=[]", "--trainer.logger.init_args.name", "digits",
+            "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false", "--data.init_args.steps_per_epoch", "3",
+            "--data.init_args.positives", "ClassQueue", "--data.init_args.positives.init_args.classes_per_step", "4",
+            "--data.init_args.positives.init_args.positives_per_class", "4",
+            "--data.init_args.positives.init_args.unconditional_per_class", "4",
+            "--data.init_args.positives.init_args.queue_size", "8",
+            "--data.init_args.positives.init_args.unconditional_queue_size", "16",
+            "--data.init_args.positives.init_args.push_per_step", "4",
+            "--model.init_args.generator.init_args.hidden_size", "32",
+            "--model.init_args.generator.init_args.depth", "1",
+            "--model.init_args.generated_per_group", "6"]  # fmt: skip
+
+    def fit(folder: str, steps: int, *extra: str) -> Path:
+        out = run_drifting("fit", *args, "--trainer.logger.init_args.save_dir", str(tmp_path / folder),
+                           "--trainer.max_steps", str(steps), *extra)  # fmt: skip
+        assert out.returncode == 0, out.stderr[-3000:]
+        return tmp_path / folder / "digits" / "version_0"
+
+    straight = fit("straight", 4)
+    fit("resumed", 2)
+    resumed = fit("resumed", 4, "--ckpt_path", "last")
+    a, b = load(straight / "checkpoints" / "last.ckpt"), load(resumed / "checkpoints" / "last.ckpt")
+    assert a["global_step"] == 4
+    assert_same_training_state(a, b)
+    queues_a, queues_b = a["DigitsDataModule"]["positives"], b["DigitsDataModule"]["positives"]
+    assert queues_a.keys() == queues_b.keys() and queues_a["step"] == 4
+    for key, value in queues_a.items():
+        assert torch.equal(value, queues_b[key]) if isinstance(value, torch.Tensor) else value == queues_b[key], key
+    assert losses(straight) == losses(resumed) and len(losses(straight)) == 4
+
+
+class _DropoutMLP(MLPGenerator):
+    """Draws from the global torch RNG in every step (dropout), like a plug-in generator might."""
+
+    def forward(self, noise, labels=None, alpha=None):
+        return torch.nn.functional.dropout(super().forward(noise), 0.5, training=self.training)
+
+
+def test_training_rng_continues_the_global_random_stream(tmp_path: Path):
+    """7 steps straight vs 4 + resume (epochs of 3 steps: DataLoader iterators draw from the global RNG at every
+    epoch start): the same weights with TrainingRNG, different ones without it."""
+
+    def fit(steps: int, folder: str, rng: bool, resume: bool = False) -> dict[str, torch.Tensor]:
+        pl.seed_everything(0)
+        module = DriftingModule(_DropoutMLP(hidden=[16]), generated_per_group=8)
+        callbacks = [ModelCheckpoint(dirpath=tmp_path / folder, filename="last", enable_version_counter=False)]
+        if rng:
+            callbacks.append(TrainingRNG())
+        trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, callbacks=callbacks)  # fmt: skip
+        data = ToyDataModule(positives_per_step=8, steps_per_epoch=3)
+        trainer.fit(module, data, ckpt_path=tmp_path / folder / "last.ckpt" if resume else None)
+        return module.state_dict()
+
+    for rng in (True, False):
+        straight = fit(7, f"straight-{rng}", rng)
+        fit(4, f"resumed-{rng}", rng)
+        resumed = fit(7, f"resumed-{rng}", rng, resume=True)
+        same = all(torch.equal(straight[k], resumed[k]) for k in straight)
+        assert same is rng
+
+
+class PauseEachStep(Callback):
+    """Slows a run down (sleeping, not computing), so that a signal sent after its first checkpoint lands early."""
+
+    def on_train_batch_end(self, *args) -> None:
+        time.sleep(0.1)
+
+
+def _stop_after_first_checkpoint(save_dir: Path, signum: int) -> tuple[Path, str]:
+    """A real `drifting fit` process of 1000 toy steps, sent ``signum`` once its first last.ckpt (end of epoch 0,
+    step 5) exists: its run folder and stderr. It must exit with 128 + signum (stopped by the signal, not finished)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    args = toy(save_dir, 1000, "--trainer.callbacks+=tests.integration.test_resume.PauseEachStep")
+    proc = subprocess.Popen([sys.executable, "-m", "drifting_lightning", *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    run = save_dir / "toy" / "version_0"
+    deadline = time.monotonic() + 240
+    while not (run / "checkpoints" / "last.ckpt").exists():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.02)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 128 + signum, err[-3000:]
+    return run, err
+
+
+def test_sigterm_mid_run_saves_a_checkpoint_that_resumes_exactly(tmp_path: Path):
+    """SIGTERM to a running `drifting fit` (SLURM preemption): exit 143, an intact last.ckpt at the step it stopped;
+    `--ckpt_path last` to step 12 then equals 12 uninterrupted steps bit for bit, loss curve included."""
+    run, err = _stop_after_first_checkpoint(tmp_path / "killed", signal.SIGTERM)
+    last = run / "checkpoints" / "last.ckpt"
+    stopped = AtomicCheckpointIO().load_checkpoint(last, weights_only=True)["global_step"]  # verified, then loaded
+    assert 5 <= stopped < 12, "the signal should stop the run within a step or two of step 5"
+    assert f"SIGTERM received: stopped after step {stopped}, saved {last}" in err and "Traceback" not in err
+    resumed = run_drifting(*toy(tmp_path / "killed", 12, "--ckpt_path", "last"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight = run_drifting(*toy(tmp_path / "straight", 12))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    straight_run = tmp_path / "straight" / "toy" / "version_0"
+    assert_same_training_state(load(straight_run / "checkpoints" / "last.ckpt"), load(last))
+    assert losses(run) == losses(straight_run) and len(losses(run)) == 12
+
+
+def test_ctrl_c_stops_after_the_step_with_a_checkpoint(tmp_path: Path):
+    run, err = _stop_after_first_checkpoint(tmp_path, signal.SIGINT)
+    last = run / "checkpoints" / "last.ckpt"
+    saved = AtomicCheckpointIO().load_checkpoint(last, weights_only=True)
+    assert f"SIGINT received: stopped after step {saved['global_step']}, saved {last}" in err
+    assert "KeyboardInterrupt" not in err and "Traceback" not in err
+
+
+def test_fit_refuses_corrupted_and_foreign_checkpoints(tmp_path: Path):
+    first = run_drifting(*toy(tmp_path, 2))
+    assert first.returncode == 0, first.stderr[-3000:]
+    last = tmp_path / "toy" / "version_0" / "checkpoints" / "last.ckpt"
+    good = last.read_bytes()
+
+    # Another model config: the message names the tensors that differ.
+    out = run_drifting(*toy(tmp_path, 4, "--ckpt_path", str(last)),
+                       "--model.init_args.generator.init_args.hidden", "[64, 64]")  # fmt: skip
+    assert out.returncode == 1
+    assert "different model config" in out.stderr
+    assert "generator.body.0.weight [256, 32] in the checkpoint, [64, 32] in this run" in out.stderr
+    assert "Traceback" not in out.stderr
+
+    # One flipped byte inside the weights: torch.load would accept it, the CRC check does not.
+    data = bytearray(good)
+    data[len(data) // 2] ^= 0xFF
+    last.write_bytes(bytes(data))
+    out = run_drifting(*toy(tmp_path, 4, "--ckpt_path", "last"))
+    assert out.returncode == 1
+    assert f"checkpoint {last} is corrupted" in out.stderr and "CRC-32" in out.stderr and "Traceback" not in out.stderr
+
+    last.write_bytes(good[: len(good) // 3])  # a copy cut short, given by path
+    out = run_drifting(*toy(tmp_path, 4, "--ckpt_path", str(last)))
+    assert out.returncode == 1
+    assert f"checkpoint {last} is corrupted: it is not a complete torch.save archive" in out.stderr
+    assert "Traceback" not in out.stderr

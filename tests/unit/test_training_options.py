@@ -1,0 +1,165 @@
+"""Training options and failures of DriftingModule: bf16-mixed with a float32 drift loss, matmul precision,
+torch.compile and activation checkpointing from YAML, NaN/Inf gradients by policy, out-of-memory advice."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import yaml
+from torch.utils.data import DataLoader, IterableDataset
+
+import drifting_lightning.models.dit as dit
+from drifting_lightning.drift import DriftingLoss
+from drifting_lightning.export import instantiate_section
+from drifting_lightning.models.mlp import MLPGenerator
+from drifting_lightning.module import DriftingModule, NonFiniteLossError
+
+
+class _Batches(IterableDataset):
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(0)
+        for _ in range(self.steps):
+            yield {"positives": torch.randn(1, 8, 2, generator=g)}
+
+
+def _fit(module: DriftingModule, tmp_path: Path, steps: int = 2, **trainer_args) -> pl.Trainer:
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         **trainer_args)  # fmt: skip
+    trainer.fit(module, DataLoader(_Batches(steps), batch_size=None))
+    return trainer
+
+
+class _Spy(DriftingLoss):
+    """Records the dtype of the generated features, the loss and the matmul precision inside the loss."""
+
+    seen: list = []
+
+    def forward(self, gen, pos, neg=None, neg_weights=None):
+        out = super().forward(gen, pos, neg, neg_weights)
+        self.seen.append((gen["raw"].dtype, out.loss.dtype, torch.get_float32_matmul_precision()))
+        return out
+
+
+def test_bf16_mixed_generator_with_float32_drift_loss(tmp_path: Path):
+    _Spy.seen = []
+    module = DriftingModule(MLPGenerator(hidden=[32]), loss=_Spy(), generated_per_group=8)
+    _fit(module, tmp_path, precision="bf16-mixed")
+    assert [s[:2] for s in _Spy.seen] == [(torch.bfloat16, torch.float32)] * 2
+    assert all(p.dtype == torch.float32 for p in module.generator.parameters())  # master weights stay float32
+
+
+def test_drift_loss_runs_at_highest_matmul_precision_whatever_the_run_sets(tmp_path: Path):
+    before = torch.get_float32_matmul_precision()
+    try:
+        _Spy.seen = []
+        module = DriftingModule(MLPGenerator(hidden=[32]), loss=_Spy(), generated_per_group=8,
+                                float32_matmul_precision="medium")  # fmt: skip
+        _fit(module, tmp_path, steps=1)
+        assert torch.get_float32_matmul_precision() == "medium"  # set for the run by setup()
+        assert _Spy.seen[0][2] == "highest"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    with pytest.raises(ValueError, match="float32_matmul_precision"):
+        DriftingModule(MLPGenerator(), float32_matmul_precision="fast")
+
+
+def test_compile_option_compiles_the_named_parts(monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(self))
+    module = DriftingModule(MLPGenerator(), compile=["generator", "loss"])
+    module.setup("fit")
+    assert compiled == [module.generator, module.loss]
+    with pytest.raises(ValueError, match="compile takes 'generator' and/or 'loss'"):
+        DriftingModule(MLPGenerator(), compile=["encoder"])
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path: Path):
+    """Two real compiled steps on CPU (inductor needs a C++ compiler; about a minute)."""
+    states = []
+    for parts in ((), ("generator", "loss")):
+        pl.seed_everything(0)
+        module = DriftingModule(MLPGenerator(hidden=[32]), generated_per_group=8, compile=parts)
+        _fit(module, tmp_path)
+        states.append(module.generator.state_dict())
+    for key, value in states[0].items():
+        torch.testing.assert_close(states[1][key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_activation_checkpointing_and_compile_are_reachable_from_yaml(tmp_path: Path, monkeypatch):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"model": {"class_path": "DriftingModule", "init_args": {
+        "generator": {"class_path": "DiT", "init_args": {"preset": "digits", "hidden_size": 32, "depth": 2,
+                                                         "num_heads": 2, "gradient_checkpointing": True}},
+        "generated_per_group": 4, "compile": ["generator"]}}}))  # fmt: skip
+    module = instantiate_section(config, "model", pl.LightningModule)
+    assert module.generator.gradient_checkpointing and list(module.hparams.compile) == ["generator"]
+
+    calls = []
+
+    def counting_checkpoint(block, *args, **kwargs):
+        calls.append(block)
+        return torch.utils.checkpoint.checkpoint(block, *args, **kwargs)
+
+    monkeypatch.setattr(dit, "checkpoint", counting_checkpoint)
+    module.trainer = pl.Trainer(accelerator="cpu", logger=False)
+    module.log = module.log_dict = lambda *args, **kwargs: None
+    batch = {"positives": torch.rand(2, 3, 1, 8, 8) * 2 - 1, "labels": torch.tensor([1, 7])}
+    module.training_step(batch, 0).backward()
+    assert len(calls) == 2  # each DiT block recomputed in the backward pass
+    assert all(p.grad is not None for p in module.generator.parameters() if p.requires_grad)
+
+
+def _nan_gradients(module: DriftingModule) -> None:
+    first = next(module.generator.parameters())
+    first.register_hook(lambda grad: grad * float("nan"))
+
+
+def test_nonfinite_gradients_stop_with_the_tensor_names_and_the_weights_before(tmp_path: Path):
+    module = DriftingModule(MLPGenerator(hidden=[32]), generated_per_group=8)
+    before = {k: v.clone() for k, v in module.generator.state_dict().items()}
+    _nan_gradients(module)
+    with pytest.raises(NonFiniteLossError, match=r"NaN/Inf in the gradients at step 0\..*nonfinite-step0\.ckpt.*"
+                                                 r"NaN/Inf in 1 of 4 tensors: body\.0\.weight"):  # fmt: skip
+        _fit(module, tmp_path)
+    saved = torch.load(tmp_path / "nonfinite-step0.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    assert all(torch.equal(saved[f"generator.{k}"], v) for k, v in before.items())
+
+
+def test_nonfinite_gradients_skip_policy_leaves_the_weights(tmp_path: Path, capsys):
+    module = DriftingModule(MLPGenerator(hidden=[32]), generated_per_group=8, nonfinite="skip")
+    before = {k: v.clone() for k, v in module.generator.state_dict().items()}
+    _nan_gradients(module)
+    _fit(module, tmp_path)
+    assert all(torch.equal(module.generator.state_dict()[k], v) for k, v in before.items())
+    assert all(torch.isfinite(p).all() for p in module.ema_generator.parameters())
+    assert capsys.readouterr().out.count("NaN/Inf in the gradients at step") == 2
+
+    finite = DriftingModule(MLPGenerator(hidden=[32]), generated_per_group=8, nonfinite="skip")
+    start = {k: v.clone() for k, v in finite.generator.state_dict().items()}
+    _fit(finite, tmp_path)  # the same steps with finite gradients do move the weights
+    assert not torch.equal(finite.generator.state_dict()["head.weight"], start["head.weight"])
+
+
+class _OutOfMemory(MLPGenerator):
+    def forward(self, noise, labels=None, alpha=None):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.1 GiB total)")
+
+
+def test_out_of_memory_names_the_step_sizes_and_what_to_lower(tmp_path: Path):
+    module = DriftingModule(_OutOfMemory(), generated_per_group=8)
+    with pytest.raises(torch.OutOfMemoryError) as err:
+        _fit(module, tmp_path)
+    message = str(err.value)
+    assert message.startswith("out of memory in training step 0 (CUDA out of memory. Tried to allocate 20.00 GiB")
+    assert "1 class group(s) with N_pos=8 positives, N_unc=0 unconditional samples and N_neg=8 generated" in message
+    for key in ("model.generated_per_group", "positives_per_class", "positives_per_step",
+                "model.loss.init_args.max_chunk_elements (now None)", "trainer.precision bf16-mixed"):  # fmt: skip
+        assert key in message, key
