@@ -32,6 +32,7 @@ def test_quick_benchmark_splits_the_step_and_measures_memory(capsys):
     memory = re.search(rf"^\| digits \| 0\.\d+M \| {NUMBER} \| {NUMBER} \| {NUMBER} \| - \| {NUMBER} \|$", text, re.M)
     assert memory, text
     base, step_extra, generator_extra, loss_extra = (number(x) for x in memory.groups())
-    assert base > 0 and generator_extra > 0 and loss_extra > 0, text
+    # The loss alone can stay within already-mapped pages at this size (RSS resolution): only its sign is checked.
+    assert base > 0 and generator_extra > 0 and loss_extra >= 0, text
     # The step holds the generator's activations plus gradients and AdamW state.
     assert step_extra > generator_extra, text
