@@ -14,7 +14,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 CHECKPOINT_FORMAT = "drifting-classifier/1"
@@ -96,8 +96,10 @@ class ClassifierTraining(L.LightningModule):
     """Trains a SmallCNN with cross-entropy on the standard class-grouped batch dict.
 
     After every training epoch it logs ``test/accuracy`` on ``datamodule.real_samples(split="test")``
-    (``(samples [N, C, H, W], labels [N])``, the whole test split); at the end of training rank 0 writes the
-    classifier to ``export_path`` (default ``<log_dir>/classifier.pt``) for ``ClassifierExtractor``.
+    (``(samples [N, C, H, W], labels [N])``, the whole test split) and rank 0 writes the classifier to
+    ``export_path`` (default ``<log_dir>/classifier.pt``) for ``ClassifierExtractor``: a crash or a stop keeps the
+    last finished epoch's network. A fit that trains no epoch (a resume past max_epochs) writes it at the end only
+    when no file is there yet.
     """
 
     def __init__(
@@ -116,6 +118,7 @@ class ClassifierTraining(L.LightningModule):
         self.net = SmallCNN(in_channels, num_classes, width, feature_dim)
         self.test_accuracy: float | None = None
         self._test_set: tuple[Tensor, Tensor] | None = None  # loaded once, at the first epoch end
+        self._exported = False
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -140,24 +143,39 @@ class ClassifierTraining(L.LightningModule):
         return correct / max(len(y), 1)
 
     def on_train_epoch_end(self) -> None:
+        test_set = self._load_test_set()
+        if test_set is not None:
+            self.test_accuracy = self.evaluate(*test_set)
+            self.log("test/accuracy", self.test_accuracy)
+        self._export()
+
+    def _load_test_set(self) -> tuple[Tensor, Tensor] | None:
         if self._test_set is None:
             dm = getattr(self.trainer, "datamodule", None)
             if dm is None or not hasattr(dm, "real_samples"):
                 rank_zero_warn("the datamodule has no real_samples(split='test'): test accuracy is not logged")
-                return
+                return None
             x, y = dm.real_samples(split="test")
             if y is None:
                 raise ValueError(f"{type(dm).__name__}.real_samples(split='test') gave no labels: it is unconditional")
             self._test_set = (x, y)
-        self.test_accuracy = self.evaluate(*self._test_set)
-        self.log("test/accuracy", self.test_accuracy)
+        return self._test_set
 
-    @rank_zero_only
     def on_train_end(self) -> None:
-        path = self.hparams.export_path or os.path.join(self.trainer.log_dir or ".", "classifier.pt")
-        save_classifier(path, self.net, {k: self.hparams[k] for k in ARCH_KEYS}, self.test_accuracy)
-        acc = "not measured" if self.test_accuracy is None else f"{self.test_accuracy:.4f}"
-        rank_zero_info(f"classifier written to {path} (test accuracy {acc})")
+        if not self._exported and not os.path.exists(self.export_file):
+            self._export()
+        if self._exported:
+            acc = "not measured" if self.test_accuracy is None else f"{self.test_accuracy:.4f}"
+            rank_zero_info(f"classifier written to {self.export_file} (test accuracy {acc})")
+
+    @property
+    def export_file(self) -> str:
+        return self.hparams.export_path or os.path.join(self.trainer.log_dir or ".", "classifier.pt")
+
+    def _export(self) -> None:
+        if self.trainer.is_global_zero:
+            save_classifier(self.export_file, self.net, {k: self.hparams[k] for k in ARCH_KEYS}, self.test_accuracy)
+        self._exported = True
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.net.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

@@ -83,3 +83,41 @@ def test_train_log_export_and_extract(tmp_path):
 def test_missing_classifier_checkpoint_says_how_to_make_one(tmp_path):
     with pytest.raises(FileNotFoundError, match="configs/classifier/fashion_mnist.yaml"):
         ClassifierExtractor(str(tmp_path / "nope.pt"))
+
+
+class CrashAtSecondEpoch(L.Callback):
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            raise RuntimeError("simulated crash")
+
+
+def _trainer(tmp_path, max_epochs: int, callbacks=()) -> L.Trainer:
+    return L.Trainer(
+        max_epochs=max_epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, callbacks=list(callbacks),
+    )  # fmt: skip
+
+
+def test_a_crash_keeps_the_last_finished_epochs_classifier(tmp_path):
+    export = tmp_path / "classifier.pt"
+    module = ClassifierTraining(num_classes=NUM_CLASSES, width=8, feature_dim=16, lr=1e-2, export_path=str(export))
+    trainer = _trainer(tmp_path, max_epochs=3, callbacks=[CrashAtSecondEpoch()])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer.fit(module, datamodule=StripesData())
+    saved = torch.load(export, weights_only=True)
+    assert saved["test_accuracy"] == pytest.approx(module.test_accuracy) and module.test_accuracy > 0.9
+    torch.testing.assert_close(saved["state_dict"], {k: v for k, v in module.net.state_dict().items()})
+
+
+def test_a_resume_with_no_epoch_left_keeps_the_written_classifier(tmp_path):
+    export = tmp_path / "classifier.pt"
+    module = ClassifierTraining(num_classes=NUM_CLASSES, width=8, feature_dim=16, lr=1e-2, export_path=str(export))
+    trainer = _trainer(tmp_path, max_epochs=1)
+    trainer.fit(module, datamodule=StripesData())
+    trainer.save_checkpoint(tmp_path / "done.ckpt")
+    written = torch.load(export, weights_only=True)
+
+    again = ClassifierTraining(num_classes=NUM_CLASSES, width=8, feature_dim=16, lr=1e-2, export_path=str(export))
+    _trainer(tmp_path, max_epochs=1).fit(again, datamodule=StripesData(), ckpt_path=tmp_path / "done.ckpt")
+    kept = torch.load(export, weights_only=True)
+    assert kept["test_accuracy"] == pytest.approx(written["test_accuracy"]) and kept["test_accuracy"] is not None
