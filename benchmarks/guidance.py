@@ -16,6 +16,9 @@ The "generator" table samples each class at each alpha from the same noise and r
 accuracy and mean P(c|x), the mean |pixel| (contrast), the within-class per-pixel std (diversity), and how far
 samples move from their alpha = 1 version, relative to their spread around the class mean.
 
+``--hard-grid`` shows where guidance acts: the samples per class that the classifier finds least like their class at
+alpha = 1, with the same noise at every alpha, and prints how the classifier sees just those.
+
 The classifier is ``--classifier`` (a classifier.pt of configs/classifier/*.yaml) or, by default, a multinomial
 logistic regression on the training split's pixels.
 """
@@ -87,16 +90,17 @@ def data_module(name: str, root: str) -> ImageDataModule:
 
 @torch.no_grad()
 def generator_rows(generator, classify, num_classes: int, per_class: int, alphas: list[float], seed: int):
-    """Per alpha: (accuracy, mean P(c|x), mean |x|, within-class std, move from alpha = 1 / spread), and the samples
-    of every alpha [len(alphas), K * per_class, C, H, W] from one noise draw."""
+    """Per alpha: (accuracy, mean P(c|x), mean |x|, within-class std, move from alpha = 1 / spread); the samples of
+    every alpha [len(alphas), K * per_class, C, H, W] from one noise draw; each sample's P(c|x) [len(alphas), n]."""
     gen = torch.Generator().manual_seed(seed)
     labels = torch.arange(num_classes).repeat_interleave(per_class)
     inputs = generator.draw_inputs(len(labels), generator=gen)
     samples = torch.stack([generator(**inputs, labels=labels, alpha=a).clamp(-1, 1) for a in alphas])
     base = samples[alphas.index(1.0)] if 1.0 in alphas else None
-    rows = []
+    rows, posteriors = [], []
     for s in samples:
         p = classify(s)
+        posteriors.append(p[torch.arange(len(labels)), labels])
         flat = s.flatten(1).view(num_classes, per_class, -1)
         spread = (flat - flat.mean(1, keepdim=True)).norm(dim=-1).mean()
         move = float("nan") if base is None else ((s - base).flatten(1).norm(dim=1).mean() / spread).item()
@@ -107,7 +111,13 @@ def generator_rows(generator, classify, num_classes: int, per_class: int, alphas
             flat.std(1).mean().item(),
             move,
         ))
-    return rows, samples
+    return rows, samples, torch.stack(posteriors)
+
+
+def hardest(posterior: Tensor, num_classes: int, per_class: int, k: int) -> Tensor:
+    """Indices of the k samples of each class with the lowest P(c|x); samples are grouped by class, per_class each."""
+    order = posterior.view(num_classes, per_class).argsort(dim=1)[:, :k]
+    return (order + per_class * torch.arange(num_classes)[:, None]).flatten()
 
 
 def save_panels(samples: Tensor, per_class: int, path: str, scale: int) -> None:
@@ -130,6 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--per-class", type=int, default=200, help="samples per class and alpha")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--grid", default=None, help="write a PNG of 8 samples per class for every alpha")
+    parser.add_argument("--hard-grid", default=None, help="write a PNG of the 4 least class-like alpha-1 samples per "
+                        "class, at every alpha")  # fmt: skip
     parser.add_argument("--grid-scale", type=int, default=4)
     args = parser.parse_args(argv)
     alphas = [float(a) for a in args.alphas.split(",")]
@@ -158,7 +170,9 @@ def main(argv: list[str] | None = None) -> None:
     else:
         with tempfile.TemporaryDirectory() as out:
             generator = load_generator(export_generator(args.checkpoint, out))
-    rows, samples = generator_rows(generator, classify, num_classes, args.per_class, alphas, args.seed)
+    if args.hard_grid and 1.0 not in alphas:
+        parser.error("--hard-grid picks samples by their P(c|x) at alpha 1: include 1 in --alphas")
+    rows, samples, posteriors = generator_rows(generator, classify, num_classes, args.per_class, alphas, args.seed)
     print(f"\ngenerator: {args.per_class} samples per class and alpha, one noise draw for all alphas")
     print("| alpha | classifier accuracy | mean P(c|x) | mean abs pixel | within-class std | move from alpha 1 |")
     print("|---|---|---|---|---|---|")
@@ -173,6 +187,19 @@ def main(argv: list[str] | None = None) -> None:
         keep = torch.arange(num_classes)[:, None] * args.per_class + torch.arange(per_row)
         save_panels(samples[:, keep.flatten()], per_row, args.grid, args.grid_scale)
         print(f"\nwrote {args.grid}: alphas {', '.join(f'{a:g}' for a in alphas)} left to right")
+    if args.hard_grid:
+        k = min(4, args.per_class)
+        keep = hardest(posteriors[alphas.index(1.0)], num_classes, args.per_class, k)
+        labels = torch.arange(num_classes).repeat_interleave(args.per_class)[keep]
+        print(f"\nthe {k} least class-like alpha-1 samples of each class, same noise at every alpha")
+        print("| alpha | classifier accuracy | mean P(c|x) |")
+        print("|---|---|---|")
+        for a, s in zip(alphas, samples):
+            p = classify(s[keep])
+            accuracy = (p.argmax(1) == labels).float().mean().item()
+            print(f"| {a:g} | {accuracy:.3f} | {p[torch.arange(len(keep)), labels].mean():.3f} |")
+        save_panels(samples[:, keep], k, args.hard_grid, args.grid_scale)
+        print(f"wrote {args.hard_grid}")
 
 
 if __name__ == "__main__":

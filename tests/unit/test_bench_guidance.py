@@ -39,6 +39,12 @@ def test_ideal_row_on_a_two_image_class():
     assert guidance.ideal_row(posterior, prior, correct, 3.0)[2] == pytest.approx(2 / 3)
 
 
+def test_hardest_picks_the_least_class_like_samples_of_each_class():
+    # 2 classes x 3 samples, grouped by class.
+    posterior = torch.tensor([0.9, 0.2, 0.5, 0.1, 0.8, 0.3])
+    assert guidance.hardest(posterior, num_classes=2, per_class=3, k=2).tolist() == [1, 2, 3, 5]
+
+
 def test_benchmark_runs_on_a_tiny_generator(tmp_path, capsys):
     torch.manual_seed(0)
     generator = DiT("digits", init_output_std=0.5, **TINY_DIT)
@@ -46,9 +52,9 @@ def test_benchmark_runs_on_a_tiny_generator(tmp_path, capsys):
         for p in generator.parameters():
             p.add_(0.05 * torch.randn_like(p))
     export = export_generator(generator, tmp_path / "export")
-    grid = tmp_path / "grid.png"
+    grid, hard = tmp_path / "grid.png", tmp_path / "hard.png"
     guidance.main(["--checkpoint", str(export), "--data", "digits", "--alphas", "1,2", "--per-class", "8",
-                   "--grid", str(grid)])  # fmt: skip
+                   "--grid", str(grid), "--hard-grid", str(hard)])  # fmt: skip
     text = capsys.readouterr().out
     assert re.search(r"held-out accuracy 0\.9\d", text), text  # logistic regression on digits pixels
     assert re.search(r"^\| 1 \| 0\.000 \| 0\.000 \| 0\.9\d\d \|$", text, re.M), text
@@ -60,3 +66,10 @@ def test_benchmark_runs_on_a_tiny_generator(tmp_path, capsys):
 
     with Image.open(grid) as im:  # two panels of 10 x 8 tiles of 8x8 pixels (+ padding), enlarged 4x
         assert im.size == (4 * (2 * (8 * 9 + 1) + 4), 4 * (10 * 9 + 1))
+    with Image.open(hard) as im:  # 4 per class
+        assert im.size == (4 * (2 * (4 * 9 + 1) + 4), 4 * (10 * 9 + 1))
+    hard_rows = text[text.index("least class-like") :]
+    accuracies = re.findall(r"^\| [12] \| ([\d.]+) \| ([\d.]+) \|$", hard_rows, re.M)
+    assert len(accuracies) == 2, text
+    # By construction these are the least class-like alpha-1 samples: below the mean P(c|x) of all of them.
+    assert float(accuracies[0][1]) <= float(rows[0][2]), text
