@@ -11,7 +11,9 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import signal
 from collections.abc import Iterator
+from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -203,13 +205,29 @@ class _PositiveStream(IterableDataset):
             }
 
 
+def _leave_stop_signals_to_the_main_process(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``. SLURM sends SIGTERM to every process of a job and a terminal sends Ctrl-C's
+    SIGINT to the whole foreground group. A worker that died of either failed the main process's next fetch
+    ("DataLoader worker ... is killed by signal") before it could finish the step and save (GracefulStop). So a
+    worker ignores SIGINT and its first SIGTERM. The main process shuts its workers down itself. A worker that does
+    not stop then gets SIGTERM from the DataLoader and again from multiprocessing at exit, and the second one ends it.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the next SIGTERM ends the worker
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
 class _StreamLoader(DataLoader):
     """One batch dict per step (batch_size=None); each pass starts where the training loop stopped consuming."""
 
     def __init__(self, datamodule: ImageDataModule) -> None:
         self._datamodule = datamodule
         stream = _PositiveStream(datamodule.source("train"), datamodule._live, datamodule.steps_per_epoch)
-        super().__init__(stream, batch_size=None, num_workers=datamodule.num_workers)
+        super().__init__(stream, batch_size=None, num_workers=datamodule.num_workers,
+                         worker_init_fn=_leave_stop_signals_to_the_main_process)  # fmt: skip
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         self.dataset.positives = self._datamodule._begin_stream()

@@ -31,6 +31,14 @@ TOY_ARGS = ["--config", TOY, "--trainer.callbacks=[]", "--trainer.logger.init_ar
             "--model.init_args.generated_per_group", "64", "--data.init_args.positives_per_step", "64"]  # fmt: skip
 
 
+# A small DiT on digits, quiet: the class-conditional runs below add their data options.
+DIGITS_ARGS = ["--config", DIGITS, "--trainer.callbacks=[]", "--trainer.logger.init_args.name", "digits",
+               "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
+               "--trainer.enable_model_summary", "false", "--model.init_args.generator.init_args.hidden_size", "32",
+               "--model.init_args.generator.init_args.depth", "1",
+               "--model.init_args.generated_per_group", "6"]  # fmt: skip
+
+
 def toy(save_dir: Path, steps: int, *extra: str) -> list[str]:
     return ["fit", *TOY_ARGS, "--trainer.logger.init_args.save_dir", str(save_dir), "--trainer.max_steps", str(steps),
             *extra]  # fmt: skip
@@ -89,18 +97,13 @@ def test_resume_from_last_matches_the_uninterrupted_run(tmp_path: Path):
 
 def test_digits_resume_continues_queue_sampler_and_guidance(tmp_path: Path):
     """The class-conditional path (DiT, guidance alpha, MoCo-style class queues): 4 steps straight vs 2 + resume."""
-    args = ["--config", DIGITS, "--trainer.callbacks=[]", "--trainer.logger.init_args.name", "digits",
-            "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
-            "--trainer.enable_model_summary", "false", "--data.init_args.steps_per_epoch", "3",
-            "--data.init_args.positives", "ClassQueue", "--data.init_args.positives.init_args.classes_per_step", "4",
+    args = [*DIGITS_ARGS, "--data.init_args.steps_per_epoch", "3", "--data.init_args.positives", "ClassQueue",
+            "--data.init_args.positives.init_args.classes_per_step", "4",
             "--data.init_args.positives.init_args.positives_per_class", "4",
             "--data.init_args.positives.init_args.unconditional_per_class", "4",
             "--data.init_args.positives.init_args.queue_size", "8",
             "--data.init_args.positives.init_args.unconditional_queue_size", "16",
-            "--data.init_args.positives.init_args.push_per_step", "4",
-            "--model.init_args.generator.init_args.hidden_size", "32",
-            "--model.init_args.generator.init_args.depth", "1",
-            "--model.init_args.generated_per_group", "6"]  # fmt: skip
+            "--data.init_args.positives.init_args.push_per_step", "4"]  # fmt: skip
 
     def fit(folder: str, steps: int, *extra: str) -> Path:
         out = run_drifting("fit", *args, "--trainer.logger.init_args.save_dir", str(tmp_path / folder),
@@ -230,3 +233,45 @@ def test_fit_refuses_corrupted_and_foreign_checkpoints(tmp_path: Path):
     assert out.returncode == 1
     assert f"checkpoint {last} is corrupted: it is not a complete torch.save archive" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_sigterm_to_the_whole_job_with_dataloader_workers_stops_cleanly_and_resumes_exactly(tmp_path: Path):
+    """SLURM signals every process of a job, DataLoader workers included (a terminal's Ctrl-C does the same with
+    SIGINT). The workers must outlive the signal so the main process can finish its step and save; the resumed run
+    (workers again) then equals an uninterrupted one."""
+    args = [*DIGITS_ARGS, "--data.init_args.steps_per_epoch", "5", "--data.init_args.num_workers", "2",
+            "--data.init_args.positives.init_args.classes_per_step", "4",
+            "--data.init_args.positives.init_args.positives_per_class", "4",
+            "--data.init_args.positives.init_args.unconditional_per_class", "4"]  # fmt: skip
+
+    def command(folder: str, steps: int, *extra: str) -> list[str]:
+        return ["fit", *args, "--trainer.logger.init_args.save_dir", str(tmp_path / folder), "--trainer.max_steps",
+                str(steps), *extra]  # fmt: skip
+
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    killed = command("killed", 1000, "--trainer.callbacks+=tests.integration.test_resume.PauseEachStep")
+    proc = subprocess.Popen([sys.executable, "-m", "drifting_lightning", *killed], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    run = tmp_path / "killed" / "digits" / "version_0"
+    last = run / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 240
+    while not last.exists():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGTERM)  # the main process and its two workers
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 143, err[-3000:]
+    stopped = AtomicCheckpointIO().load_checkpoint(last, weights_only=True)["global_step"]
+    assert f"SIGTERM received: stopped after step {stopped}, saved {last}" in err and "Traceback" not in err
+    assert "killed by signal" not in err, err[-3000:]
+
+    steps = stopped + 3  # across the next epoch boundary (5 steps per epoch)
+    resumed = run_drifting(*command("killed", steps, "--ckpt_path", "last"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight = run_drifting(*command("straight", steps))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    straight_run = tmp_path / "straight" / "digits" / "version_0"
+    assert_same_training_state(load(straight_run / "checkpoints" / "last.ckpt"), load(last))
+    assert losses(run) == losses(straight_run) and len(losses(run)) == steps
