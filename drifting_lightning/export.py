@@ -12,6 +12,10 @@ export is checked by building the class from the recorded arguments and loading 
 (generator, loss, encoder) out of its hyper-parameters, so the checkpoint alone cannot rebuild them. ``load_module``
 therefore instantiates the ``model`` section of the run's ``config.yaml`` with jsonargparse, as the CLI did, and
 loads the checkpoint's weights into it.
+
+A checkpoint is a ``.ckpt`` file or the folder a sharded save writes (``ModelParallelStrategy`` / FSDP with
+``save_distributed_checkpoint``, their default): torch.distributed.checkpoint shards plus Lightning's ``meta.pt``.
+Such a folder is gathered into one dict in this process, with no process group.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -37,6 +42,8 @@ FORMAT = "drifting-generator/1"
 WEIGHTS_FILE = "generator.safetensors"
 CONFIG_FILE = "config.json"
 RUN_CONFIG = "config.yaml"
+DISTRIBUTED_INDEX = ".metadata"  # torch.distributed.checkpoint's index file in a sharded checkpoint folder
+DISTRIBUTED_META = "meta.pt"  # Lightning's file for everything but the model and optimiser in such a folder
 PathLike = str | os.PathLike
 
 
@@ -126,7 +133,7 @@ def export_generator(
         source = {"module": class_path(type(module))}
         needs_decoding = hasattr(module, "decode_samples")
     else:
-        ckpt_path = existing_file(module_or_ckpt, "checkpoint")
+        ckpt_path = existing_checkpoint(module_or_ckpt)
         ckpt = read_checkpoint(ckpt_path)
         spec = generator_spec(ckpt, ckpt_path, config)
         cls, init_args = import_class(spec["class_path"]), spec["init_args"]
@@ -213,19 +220,59 @@ def existing_file(path: PathLike, what: str) -> Path:
     return p
 
 
-def read_checkpoint(path: PathLike) -> dict[str, Any]:
-    """A Lightning checkpoint as a dict, on the CPU. Read with ``weights_only=True`` first; a checkpoint holding
-    other Python objects (some callbacks store them) is read in full, with a warning, as Lightning itself does."""
-    path = existing_file(path, "checkpoint")
+def is_distributed_checkpoint(path: PathLike) -> bool:
+    """Whether ``path`` is a sharded checkpoint folder (torch.distributed.checkpoint layout)."""
+    return (Path(path) / DISTRIBUTED_INDEX).is_file()
+
+
+def existing_checkpoint(path: PathLike) -> Path:
+    """``path`` as a Path when it is a checkpoint file or a sharded checkpoint folder, else FileNotFoundError."""
+    p = Path(path).expanduser()
+    if p.is_dir() and not is_distributed_checkpoint(p):
+        raise FileNotFoundError(
+            f"{str(p)!r} is a folder but not a sharded checkpoint (no {DISTRIBUTED_INDEX} file): pass a .ckpt file "
+            "or a folder that a sharded save wrote"
+        )
+    return p if p.is_dir() else existing_file(p, "checkpoint")
+
+
+def _torch_load(path: Path) -> Any:
+    """torch.load on the CPU with ``weights_only=True`` first; a file holding other Python objects (some callbacks
+    store them) is read in full, with a warning, as Lightning itself does."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle.UnpicklingError for objects beyond tensors and containers
         if "weights_only" not in str(err) and "Unpickl" not in type(err).__name__:
             raise ValueError(f"cannot read checkpoint {path}: {err}") from err
         warnings.warn(
-            f"{path} holds Python objects beyond tensors; loading it in full (trusted files only)", stacklevel=2
+            f"{path} holds Python objects beyond tensors; loading it in full (trusted files only)", stacklevel=3
         )
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _read_distributed_checkpoint(path: Path) -> dict[str, Any]:
+    """A sharded checkpoint folder as one Lightning checkpoint dict: the gathered shards (``state_dict`` or FSDP's
+    ``model``, optimiser states) plus ``meta.pt`` (step, hyper-parameters, loops, callbacks, DataModule)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        whole = Path(tmp) / "gathered.pt"
+        try:
+            dcp_to_torch_save(path, whole)
+        except Exception as err:
+            raise ValueError(f"cannot gather the sharded checkpoint {path}: {err}") from err
+        ckpt = _torch_load(whole)
+    if "state_dict" not in ckpt and "model" in ckpt:  # FSDPStrategy names the model's entry "model"
+        ckpt["state_dict"] = ckpt.pop("model")
+    if (path / DISTRIBUTED_META).is_file():
+        ckpt.update(_torch_load(path / DISTRIBUTED_META))
+    return ckpt
+
+
+def read_checkpoint(path: PathLike) -> dict[str, Any]:
+    """A Lightning checkpoint (a file or a sharded checkpoint folder) as a dict, on the CPU."""
+    path = existing_checkpoint(path)
+    ckpt = _read_distributed_checkpoint(path) if path.is_dir() else _torch_load(path)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ValueError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
     return ckpt
@@ -309,7 +356,7 @@ def load_module(ckpt_path: PathLike, config: PathLike | None = None, strict: boo
     """
     import lightning.pytorch as pl
 
-    ckpt_path = existing_file(ckpt_path, "checkpoint")
+    ckpt_path = existing_checkpoint(ckpt_path)
     ckpt = read_checkpoint(ckpt_path)
     cfg_path = Path(config) if config is not None else find_run_config(ckpt_path)
     module = instantiate_section(cfg_path, "model", pl.LightningModule)

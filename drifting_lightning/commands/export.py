@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         "drifting_lightning.load_generator(DIR): no Lightning, no CLI.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--ckpt", required=True, help="a `drifting fit` checkpoint (.ckpt)")
+    parser.add_argument("--ckpt", required=True, help="a `drifting fit` checkpoint (.ckpt file or sharded folder)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--config", help="the run's config.yaml (default: found beside the checkpoint)")
     parser.add_argument("--online", action="store_true", help="export the online weights instead of the EMA")

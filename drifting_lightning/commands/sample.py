@@ -69,7 +69,9 @@ def sample_images(
 def sampler_from(path: str, config: str | None, alpha: float, device: torch.device) -> tuple[SampleFn, int]:
     """(sample function, number of classes) of a ``drifting fit`` checkpoint (its module's EMA generator and
     ``decode_samples``) or of a ``drifting export`` directory (the generator alone)."""
-    if Path(path).is_dir():
+    from drifting_lightning.export import is_distributed_checkpoint
+
+    if Path(path).is_dir() and not is_distributed_checkpoint(path):
         from drifting_lightning.export import load_generator
 
         gen = load_generator(path, device)
@@ -108,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
         "[N, H, W, C], arr_1 labels. Single device; run several processes with different --seed for more GPUs.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--ckpt", required=True, help="a `drifting fit` checkpoint (.ckpt) or an export directory")
+    parser.add_argument("--ckpt", required=True,
+                        help="a `drifting fit` checkpoint (.ckpt file or sharded folder) or an export directory")
     parser.add_argument("--config", help="the run's config.yaml (default: found beside the checkpoint)")
     parser.add_argument("--num", type=int, default=50000, help="number of samples (50000 for reported FID)")
     parser.add_argument("--alpha", type=float, default=1.0, help="guidance scale (1.0 = no guidance)")

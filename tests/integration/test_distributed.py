@@ -179,6 +179,26 @@ def test_toy_fsdp2_equals_ddp(toy_ddp: Path, tmp_path: Path):
 
 
 @pytest.mark.slow
+def test_sharded_fsdp2_checkpoint_exports_the_gathered_weights(tmp_path: Path):
+    """FSDP2 with its default sharded save (a folder per checkpoint) and with the gathered save (one file): the same
+    run, so both exports must hold the same EMA generator, and `drifting export` must read the folder."""
+    from drifting_lightning.export import export_generator, is_distributed_checkpoint, read_checkpoint
+
+    sharded = [a if a != "false" else "true" for a in FSDP2]
+    check(fit(tmp_path / "sharded", 2, *DIGITS, *sharded))
+    check(fit(tmp_path / "whole", 2, *DIGITS, *FSDP2))
+    folder, file = tmp_path / "sharded" / "ckpt" / "last.ckpt", tmp_path / "whole" / "ckpt" / "last.ckpt"
+    assert is_distributed_checkpoint(folder) and file.is_file()
+    assert read_checkpoint(folder)["global_step"] == checkpoint(tmp_path / "whole")["global_step"] == 3
+    a = export_generator(folder, tmp_path / "export_sharded") / "generator.safetensors"
+    b = export_generator(file, tmp_path / "export_whole") / "generator.safetensors"
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(a), load_file(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
 def test_a_rank_that_dies_ends_the_job(tmp_path: Path):
     """Rank 1 exits abruptly at the start of step 2. Lightning does not replace it: rank 0's next collective fails
     (gloo: connection reset by peer), the command exits non-zero within seconds instead of waiting for the 30-min

@@ -247,3 +247,40 @@ def test_missing_files_are_clear_errors(run, tmp_path, capsys):
     assert evaluate.main(["x.npz"]) == 2  # --ref or --data-config is required
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_generator(tmp_path)
+
+
+def write_sharded(ckpt: dict, folder: Path, model_key: str = "state_dict") -> Path:
+    """``ckpt`` in the layout of a sharded save (ModelParallelStrategy / FSDP with save_distributed_checkpoint):
+    torch.distributed.checkpoint files for the weights and ``meta.pt`` for the rest, written without a process group."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({model_key: ckpt["state_dict"]}, checkpoint_id=folder, no_dist=True)
+    meta = {k: v for k, v in ckpt.items() if k not in ("state_dict", "optimizer_states")}
+    torch.save(meta, folder / "meta.pt")
+    return folder
+
+
+@pytest.mark.parametrize("model_key", ["state_dict", "model"])  # ModelParallelStrategy's and FSDPStrategy's names
+def test_sharded_checkpoint_folders_load_export_and_sample(run, tmp_path, model_key):
+    ckpt = torch.load(run["ckpt"], map_location="cpu", weights_only=False)
+    # In the run's checkpoints folder, like a sharded last.ckpt, so that the run's config.yaml is found.
+    folder = write_sharded(ckpt, run["folder"] / "checkpoints" / f"sharded-{model_key}.ckpt", model_key)
+
+    module = load_module(folder)
+    reference = load_module(run["ckpt"])
+    assert module.state_dict().keys() == reference.state_dict().keys()
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in module.state_dict().items())
+
+    assert export.main(["--ckpt", str(folder), "--out", str(tmp_path / "export")]) == 0
+    assert torch.equal(draw(load_generator(tmp_path / "export")), draw(reference.ema_generator))
+    args = ["--num", "20", "--alpha", "1.0", "--seed", "5", "--device", "cpu", "--no-progress"]
+    assert sample.main(["--ckpt", str(folder), "--out", str(tmp_path / "a.npz"), *args]) == 0
+    assert sample.main(["--ckpt", str(run["ckpt"]), "--out", str(tmp_path / "b.npz"), *args]) == 0
+    with np.load(tmp_path / "a.npz") as a, np.load(tmp_path / "b.npz") as b:
+        np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+
+
+def test_a_folder_that_is_not_a_checkpoint_is_named(tmp_path, capsys):
+    assert export.main(["--ckpt", str(tmp_path), "--out", str(tmp_path / "e")]) == 1
+    err = capsys.readouterr().err
+    assert str(tmp_path) in err and "not a sharded checkpoint" in err and "Traceback" not in err
