@@ -37,7 +37,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from drifting_lightning.data.images import DigitsDataModule, IDXDataModule, ImageDataModule  # noqa: E402
-from drifting_lightning.export import export_generator, load_generator  # noqa: E402
+from drifting_lightning.export import export_generator, is_distributed_checkpoint, load_generator  # noqa: E402
 from drifting_lightning.metrics.classifier import load_classifier  # noqa: E402
 
 
@@ -132,7 +132,7 @@ def save_panels(samples: Tensor, per_class: int, path: str, scale: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="a training checkpoint (.ckpt) or an export directory")
+    parser.add_argument("--checkpoint", required=True, help="a training checkpoint or an export directory")
     parser.add_argument("--data", choices=["digits", "idx"], default="digits")
     parser.add_argument("--root", default="/usr/share/datasets/fashion-mnist", help="the IDX folder (--data idx)")
     parser.add_argument("--classifier", default=None, help="classifier.pt; default: logistic regression on pixels")
@@ -145,6 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grid-scale", type=int, default=4)
     args = parser.parse_args(argv)
     alphas = [float(a) for a in args.alphas.split(",")]
+    if args.hard_grid and 1.0 not in alphas:
+        parser.error("--hard-grid picks samples by their P(c|x) at alpha 1: include 1 in --alphas")
 
     data = data_module(args.data, args.root)
     train_x, train_y = data.real_samples(None, split="train", seed=args.seed)
@@ -165,13 +167,11 @@ def main(argv: list[str] | None = None) -> None:
         tv, removed, accuracy = ideal_row(posterior, prior[test_y], correct, a)
         print(f"| {a:g} | {tv:.3f} | {removed:.3f} | {accuracy:.3f} |")
 
-    if Path(args.checkpoint).is_dir():
+    if Path(args.checkpoint).is_dir() and not is_distributed_checkpoint(args.checkpoint):
         generator = load_generator(args.checkpoint)
     else:
         with tempfile.TemporaryDirectory() as out:
             generator = load_generator(export_generator(args.checkpoint, out))
-    if args.hard_grid and 1.0 not in alphas:
-        parser.error("--hard-grid picks samples by their P(c|x) at alpha 1: include 1 in --alphas")
     rows, samples, posteriors = generator_rows(generator, classify, num_classes, args.per_class, alphas, args.seed)
     print(f"\ngenerator: {args.per_class} samples per class and alpha, one noise draw for all alphas")
     print("| alpha | classifier accuracy | mean P(c|x) | mean abs pixel | within-class std | move from alpha 1 |")
