@@ -138,6 +138,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {err}\n(set DRIFTING_DEBUG=1 for the full traceback)", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C outside training (GracefulStop handles it there)
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -11,9 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import signal
 from collections.abc import Iterator
-from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -25,6 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from drifting_lightning.data.image_sources import ArraySource, FolderSource, ImageSource, find_idx, read_idx
 from drifting_lightning.data.stream import split_stream
+from drifting_lightning.data.workers import leave_stop_signals_to_the_main_process
 from drifting_lightning.sampling.positives import ClassAwareSampler, PositiveSource
 
 log = logging.getLogger(__name__)
@@ -205,21 +204,6 @@ class _PositiveStream(IterableDataset):
             }
 
 
-def _leave_stop_signals_to_the_main_process(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``. SLURM sends SIGTERM to every process of a job and a terminal sends Ctrl-C's
-    SIGINT to the whole foreground group. A worker that died of either failed the main process's next fetch
-    ("DataLoader worker ... is killed by signal") before it could finish the step and save (GracefulStop). So a
-    worker ignores SIGINT and its first SIGTERM. The main process shuts its workers down itself. A worker that does
-    not stop then gets SIGTERM from the DataLoader and again from multiprocessing at exit, and the second one ends it.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-    def on_sigterm(signum: int, frame: FrameType | None) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the next SIGTERM ends the worker
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-
-
 class _StreamLoader(DataLoader):
     """One batch dict per step (batch_size=None); each pass starts where the training loop stopped consuming."""
 
@@ -227,7 +211,7 @@ class _StreamLoader(DataLoader):
         self._datamodule = datamodule
         stream = _PositiveStream(datamodule.source("train"), datamodule._live, datamodule.steps_per_epoch)
         super().__init__(stream, batch_size=None, num_workers=datamodule.num_workers,
-                         worker_init_fn=_leave_stop_signals_to_the_main_process)  # fmt: skip
+                         worker_init_fn=leave_stop_signals_to_the_main_process)  # fmt: skip
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         self.dataset.positives = self._datamodule._begin_stream()

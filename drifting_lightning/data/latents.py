@@ -348,7 +348,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if device is None and torch.cuda.is_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    manifest = encode_latents(
+    try:
+        manifest = _encode_from_args(args, device)
+    except KeyboardInterrupt:
+        print(f"interrupted: the complete shards in {args.out} are kept; run the same command again to encode the "
+              "rest", file=sys.stderr)  # fmt: skip
+        return 130
+    if manifest is None:
+        print(f"rank {args.rank}: its shards are done; the last rank to finish writes {args.out}/manifest.json")
+    else:
+        print(
+            f"{args.out}: {manifest['count']} latents {manifest['latent_shape']} of {len(manifest['class_names'])} "
+            f"classes in {len(manifest['shards'])} shard(s); {manifest['skipped']} unreadable image(s) skipped"
+        )
+    return 0
+
+
+def _encode_from_args(args: argparse.Namespace, device: str | None) -> dict[str, Any] | None:
+    return encode_latents(
         args.data,
         args.vae,
         args.out,
@@ -366,11 +383,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         allow_hub=args.allow_hub,
         progress=not args.no_progress,
     )
-    if manifest is None:
-        print(f"rank {args.rank}: its shards are done; the last rank to finish writes {args.out}/manifest.json")
-    else:
-        print(
-            f"{args.out}: {manifest['count']} latents {manifest['latent_shape']} of {len(manifest['class_names'])} "
-            f"classes in {len(manifest['shards'])} shard(s); {manifest['skipped']} unreadable image(s) skipped"
-        )
-    return 0

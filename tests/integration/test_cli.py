@@ -79,3 +79,15 @@ def test_print_config_round_trips(tmp_path: Path):
     assert second.returncode == 0, second.stderr
     assert yaml.safe_load(first.stdout) == yaml.safe_load(second.stdout)
     assert "Cauchy" in first.stdout
+
+
+def test_ctrl_c_in_a_tool_command_is_a_short_message(capsys, monkeypatch):
+    from drifting_lightning import cli
+    from drifting_lightning.commands import sample
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sample, "main", interrupted)
+    assert cli.main(["sample", "--ckpt", "x.ckpt", "--out", "x.npz"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"

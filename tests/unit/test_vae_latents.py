@@ -451,3 +451,34 @@ def test_latent_generator_trains_through_vae_bridge(assets, tmp_path):
     # through the pixel encoder and the VAE decoder.
     assert zero and any(p.detach().any() for p in zero)
     assert not any(p.requires_grad for p in module.encoder.parameters())
+
+
+_CTRL_C_RUN = """
+import os, signal, sys
+from drifting_lightning.data import latent_shards
+from drifting_lightning.data.latents import main
+
+real_write = latent_shards.write_encoded_shard
+
+def write_then_ctrl_c(*args, **kwargs):
+    real_write(*args, **kwargs)  # the first shard is complete
+    os.killpg(os.getpgid(0), signal.SIGINT)  # Ctrl-C reaches the whole process group, workers included
+
+latent_shards.write_encoded_shard = write_then_ctrl_c
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_keeps_the_complete_shards_and_says_how_to_resume(assets, tmp_path):
+    args = ["--data", str(assets["images"]), "--vae", str(assets["vae"]), "--resolution", str(RES), "--batch-size",
+            "3", "--shard-size", "5", "--device", "cpu", "--num-workers", "2", "--no-progress"]  # fmt: skip
+    out = tmp_path / "cache"
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    stopped = subprocess.run([sys.executable, "-c", _CTRL_C_RUN, *args, "--out", str(out)], env=env, timeout=120,
+                             capture_output=True, text=True, start_new_session=True)  # fmt: skip
+    assert stopped.returncode == 130, stopped.stderr[-2000:]
+    assert f"interrupted: the complete shards in {out} are kept" in stopped.stderr
+    assert "Traceback" not in stopped.stderr, stopped.stderr[-2000:]
+    assert (out / "shard-00000.safetensors").is_file() and not (out / shards.MANIFEST).exists()
+    assert main([*args, "--out", str(out)]) == 0
+    assert files_of(out) == files_of(assets["cache"])
