@@ -124,6 +124,14 @@ def check_config_files(argv: Sequence[str]) -> None:
                 raise ValueError(f"config file {path} is not valid YAML: {err}") from None
 
 
+def explain(err: BaseException) -> str:
+    """The error's message, with our fix added where Lightning's own message does not name one."""
+    text = str(err)
+    if "stateful callback of type `FrechetCallback`" in text:
+        text += "\nGive each FrechetCallback of one metric its own `tag` (e.g. tag: 50k)."
+    return text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     tools = _tool_commands()
@@ -136,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as err:
         if os.environ.get("DRIFTING_DEBUG"):
             raise
-        print(f"error: {err}\n(set DRIFTING_DEBUG=1 for the full traceback)", file=sys.stderr)
+        print(f"error: {explain(err)}\n(set DRIFTING_DEBUG=1 for the full traceback)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C outside training (GracefulStop handles it there)
         print("interrupted", file=sys.stderr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -169,7 +170,9 @@ class FrechetCallback(L.Callback):
     ``metrics/<name>`` for one alpha, ``metrics/<name>_alpha<a>`` for a sweep, where name is ``fid`` only for
     Inception with the published weights, else ``fd_inception``, ``fd_classifier`` or ``fd_encoder``. A sweep also
     draws ``<name>`` against alpha to TensorBoard (``metrics/<name>_vs_alpha``) and to
-    ``<name>_vs_alpha_step<step>.png`` in ``trainer.log_dir``. The history goes to ``<name>.json`` at the end.
+    ``<name>_vs_alpha_step<step>.png`` in ``trainer.log_dir``. The history goes to ``<name>.json`` at the end, the
+    time an evaluation took to ``time/<name>_s``. ``tag`` (e.g. "50k") is appended to the name (``fid_50k``): two
+    callbacks of one metric, such as a frequent 10k-sample one and a 50k one, need their own tags.
     Missing Inception weights are reported once and the callback then does nothing: training goes on.
 
     DDP: every rank samples its share (noise seeded with ``seed + rank``, the same at every evaluation), the
@@ -192,8 +195,11 @@ class FrechetCallback(L.Callback):
         cache_dir: str | None = None,
         batch_size: int = 250,
         seed: int = 0,
+        tag: str | None = None,
     ) -> None:
         metric_kind(metric)
+        if tag is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", tag):
+            raise ValueError(f"FrechetCallback tag must be letters, digits, '_', '.' or '-' (e.g. '50k'), got {tag!r}")
         if every_n_steps < 1 or num_samples < 2 or batch_size < 1:
             raise ValueError(
                 f"need every_n_steps >= 1, num_samples >= 2, batch_size >= 1, got {every_n_steps}, {num_samples}, "
@@ -212,6 +218,7 @@ class FrechetCallback(L.Callback):
         self.cache_dir = cache_dir
         self.batch_size = batch_size
         self.seed = seed
+        self.tag = tag
         self.history: list[tuple[int, dict[str, float]]] = []
         self.disabled = False
         self.name: str | None = None  # known once the extractor is built
@@ -221,7 +228,10 @@ class FrechetCallback(L.Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(metric=self.metric)  # a classifier and an Inception callback side by side
+        # A classifier and an Inception callback side by side; two of one metric differ by their tags.
+        if self.tag is None:
+            return self._generate_state_key(metric=self.metric)
+        return self._generate_state_key(metric=self.metric, tag=self.tag)
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history}
@@ -252,7 +262,7 @@ class FrechetCallback(L.Callback):
             rank_zero_warn(f"FrechetCallback: no Inception metric will be logged in this run. {err}")
             return
         self._extractor.eval().to(pl_module.device)
-        self.name = self._extractor.metric_name
+        self.name = self._extractor.metric_name + ("" if self.tag is None else f"_{self.tag}")
         if self.reference_npz is not None and not os.path.isfile(self.reference_npz):
             raise FileNotFoundError(
                 f"FrechetCallback: reference_npz {self.reference_npz} does not exist; give an ADM-style .npz with "
@@ -296,7 +306,7 @@ class FrechetCallback(L.Callback):
         step = trainer.global_step
         self.history.append((step, values))
         if trainer.is_global_zero:
-            logged = {**values, "time/frechet_s": time.perf_counter() - started}
+            logged = {**values, f"time/{self.name}_s": time.perf_counter() - started}
             for logger in trainer.loggers:
                 logger.log_metrics(logged, step=step)
             if len(self.alphas) > 1:

@@ -207,3 +207,33 @@ def test_ddp_two_processes_equal_the_protocol_by_hand(tmp_path, classifier_file)
             x = module.sample(len(idx), labels=idx % 10, generator=noise)
             metric.update(through_uint8(x), real=False)
     assert value == pytest.approx(metric.compute().item(), rel=1e-6)
+
+
+def test_two_callbacks_of_one_metric_log_under_their_tags(tmp_path, classifier_file):
+    common = dict(metric="classifier", checkpoint=classifier_file, batch_size=30, cache_dir=str(tmp_path / "refs"))
+    frequent = FrechetCallback(every_n_steps=2, num_samples=30, **common)
+    large = FrechetCallback(every_n_steps=100, num_samples=60, tag="60", **common)
+    assert frequent.state_key != large.state_key  # Lightning refuses two stateful callbacks with one key
+    trainer, module = fit(tmp_path, [frequent, large])
+    logged = scalars(trainer.log_dir)
+    assert [s for s, _ in logged["metrics/fd_classifier"]] == [2, 3]
+    assert [s for s, _ in logged["metrics/fd_classifier_60"]] == [3]
+    assert "time/fd_classifier_s" in logged and "time/fd_classifier_60_s" in logged
+    extractor = make_extractor("classifier", classifier_file)
+    assert large.history[-1][1]["metrics/fd_classifier_60"] == pytest.approx(
+        expected_fd(module, extractor, 60, 30, 1.0), rel=1e-6
+    )
+    folder = tmp_path / "lightning_logs" / "version_0"
+    assert json.loads((folder / "fd_classifier_60.json").read_text())["num_samples"] == 60
+    assert json.loads((folder / "fd_classifier.json").read_text())["num_samples"] == 30
+
+
+def test_two_callbacks_with_one_tag_are_refused_with_the_fix(tmp_path, classifier_file):
+    from drifting_lightning.cli import explain
+
+    common = dict(metric="classifier", checkpoint=classifier_file, batch_size=30, cache_dir=str(tmp_path / "refs"))
+    with pytest.raises(RuntimeError, match="more than one stateful callback") as err:
+        fit(tmp_path, [FrechetCallback(num_samples=30, **common), FrechetCallback(num_samples=60, **common)])
+    assert explain(err.value).endswith("Give each FrechetCallback of one metric its own `tag` (e.g. tag: 50k).")
+    with pytest.raises(ValueError, match="tag must be letters"):
+        FrechetCallback(tag="50 k", **common)
