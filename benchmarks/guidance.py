@@ -77,7 +77,7 @@ class CNNProbabilities:
     """A trained SmallCNN (classifier.pt) as probabilities [n, K]."""
 
     def __init__(self, path: str) -> None:
-        self.net = load_classifier(path).eval()
+        self.net = load_classifier(path)
 
     @torch.no_grad()
     def __call__(self, images: Tensor) -> Tensor:
@@ -91,27 +91,29 @@ def data_module(name: str, root: str) -> ImageDataModule:
 @torch.no_grad()
 def generator_rows(generator, classify, num_classes: int, per_class: int, alphas: list[float], seed: int):
     """Per alpha: (accuracy, mean P(c|x), mean |x|, within-class std, move from alpha = 1 / spread); the samples of
-    every alpha [len(alphas), K * per_class, C, H, W] from one noise draw; each sample's P(c|x) [len(alphas), n]."""
+    every alpha [len(alphas), K * per_class, C, H, W] from one noise draw; the classifier's probabilities of every
+    sample [len(alphas), n, K]."""
     gen = torch.Generator().manual_seed(seed)
     labels = torch.arange(num_classes).repeat_interleave(per_class)
     inputs = generator.draw_inputs(len(labels), generator=gen)
     samples = torch.stack([generator(**inputs, labels=labels, alpha=a).clamp(-1, 1) for a in alphas])
     base = samples[alphas.index(1.0)] if 1.0 in alphas else None
-    rows, posteriors = [], []
+    rows, probabilities = [], []
     for s in samples:
         p = classify(s)
-        posteriors.append(p[torch.arange(len(labels)), labels])
+        probabilities.append(p)
+        own = p[torch.arange(len(labels)), labels]
         flat = s.flatten(1).view(num_classes, per_class, -1)
         spread = (flat - flat.mean(1, keepdim=True)).norm(dim=-1).mean()
         move = float("nan") if base is None else ((s - base).flatten(1).norm(dim=1).mean() / spread).item()
         rows.append((
             (p.argmax(1) == labels).float().mean().item(),
-            p[torch.arange(len(labels)), labels].mean().item(),
+            own.mean().item(),
             s.abs().mean().item(),
             flat.std(1).mean().item(),
             move,
         ))
-    return rows, samples, torch.stack(posteriors)
+    return rows, samples, torch.stack(probabilities)
 
 
 def hardest(posterior: Tensor, num_classes: int, per_class: int, k: int) -> Tensor:
@@ -172,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         with tempfile.TemporaryDirectory() as out:
             generator = load_generator(export_generator(args.checkpoint, out))
-    rows, samples, posteriors = generator_rows(generator, classify, num_classes, args.per_class, alphas, args.seed)
+    rows, samples, probabilities = generator_rows(generator, classify, num_classes, args.per_class, alphas, args.seed)
     print(f"\ngenerator: {args.per_class} samples per class and alpha, one noise draw for all alphas")
     print("| alpha | classifier accuracy | mean P(c|x) | mean abs pixel | within-class std | move from alpha 1 |")
     print("|---|---|---|---|---|---|")
@@ -189,13 +191,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\nwrote {args.grid}: alphas {', '.join(f'{a:g}' for a in alphas)} left to right")
     if args.hard_grid:
         k = min(4, args.per_class)
-        keep = hardest(posteriors[alphas.index(1.0)], num_classes, args.per_class, k)
-        labels = torch.arange(num_classes).repeat_interleave(args.per_class)[keep]
+        labels = torch.arange(num_classes).repeat_interleave(args.per_class)
+        at_one = probabilities[alphas.index(1.0)]
+        keep = hardest(at_one[torch.arange(len(labels)), labels], num_classes, args.per_class, k)
+        labels = labels[keep]
         print(f"\nthe {k} least class-like alpha-1 samples of each class, same noise at every alpha")
         print("| alpha | classifier accuracy | mean P(c|x) |")
         print("|---|---|---|")
-        for a, s in zip(alphas, samples):
-            p = classify(s[keep])
+        for a, p_all in zip(alphas, probabilities):
+            p = p_all[keep]
             accuracy = (p.argmax(1) == labels).float().mean().item()
             print(f"| {a:g} | {accuracy:.3f} | {p[torch.arange(len(keep)), labels].mean():.3f} |")
         save_panels(samples[:, keep], k, args.hard_grid, args.grid_scale)

@@ -69,11 +69,9 @@ def sample_images(
 def sampler_from(path: str, config: str | None, alpha: float, device: torch.device) -> tuple[SampleFn, int]:
     """(sample function, number of classes) of a ``drifting fit`` checkpoint (its module's EMA generator and
     ``decode_samples``) or of a ``drifting export`` directory (the generator alone)."""
-    from drifting_lightning.export import is_distributed_checkpoint
+    from drifting_lightning.export import is_distributed_checkpoint, load_generator
 
     if Path(path).is_dir() and not is_distributed_checkpoint(path):
-        from drifting_lightning.export import load_generator
-
         gen = load_generator(path, device)
 
         def from_export(n: int, labels: Tensor | None, noise: torch.Generator) -> Tensor:

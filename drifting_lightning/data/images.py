@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from drifting_lightning.data.image_sources import ArraySource, FolderSource, ImageSource, find_idx, read_idx
-from drifting_lightning.data.stream import split_stream
+from drifting_lightning.data.stream import StatefulStreamLoader, split_stream
 from drifting_lightning.data.workers import leave_stop_signals_to_the_main_process
 from drifting_lightning.sampling.positives import ClassAwareSampler, PositiveSource
 
@@ -204,7 +204,7 @@ class _PositiveStream(IterableDataset):
             }
 
 
-class _StreamLoader(DataLoader):
+class _StreamLoader(StatefulStreamLoader):
     """One batch dict per step (batch_size=None); each pass starts where the training loop stopped consuming."""
 
     def __init__(self, datamodule: ImageDataModule) -> None:
@@ -216,13 +216,6 @@ class _StreamLoader(DataLoader):
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         self.dataset.positives = self._datamodule._begin_stream()
         return self._datamodule._count(super().__iter__())
-
-    # The stream's position is saved by the DataModule; being stateful tells Lightning this loader resumes mid-epoch.
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
 
 
 class DigitsDataModule(ImageDataModule):

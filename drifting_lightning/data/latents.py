@@ -349,7 +349,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
-        manifest = _encode_from_args(args, device)
+        manifest = encode_latents(
+            args.data,
+            args.vae,
+            args.out,
+            resolution=args.resolution,
+            batch_size=args.batch_size,
+            shard_size=args.shard_size,
+            sample_posterior=not args.mean_only,
+            num_workers=args.num_workers,
+            rank=args.rank,
+            world_size=args.world_size,
+            device=device,
+            dtype=args.dtype,
+            vae_dtype=args.vae_dtype,
+            seed=args.seed,
+            allow_hub=args.allow_hub,
+            progress=not args.no_progress,
+        )
     except KeyboardInterrupt:
         print(f"interrupted: the complete shards in {args.out} are kept; run the same command again to encode the "
               "rest", file=sys.stderr)  # fmt: skip
@@ -362,24 +379,3 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"classes in {len(manifest['shards'])} shard(s); {manifest['skipped']} unreadable image(s) skipped"
         )
     return 0
-
-
-def _encode_from_args(args: argparse.Namespace, device: str | None) -> dict[str, Any] | None:
-    return encode_latents(
-        args.data,
-        args.vae,
-        args.out,
-        resolution=args.resolution,
-        batch_size=args.batch_size,
-        shard_size=args.shard_size,
-        sample_posterior=not args.mean_only,
-        num_workers=args.num_workers,
-        rank=args.rank,
-        world_size=args.world_size,
-        device=device,
-        dtype=args.dtype,
-        vae_dtype=args.vae_dtype,
-        seed=args.seed,
-        allow_hub=args.allow_hub,
-        progress=not args.no_progress,
-    )

@@ -73,8 +73,9 @@ class SeededStream(IterableDataset):
                 yield {"positives": positives.unsqueeze(0)}
 
 
-class _StreamLoader(DataLoader):
-    """The DataModule saves the stream's position; being stateful tells Lightning that this loader resumes mid-epoch."""
+class StatefulStreamLoader(DataLoader):
+    """The DataModule saves the stream's position; being stateful tells Lightning that this loader resumes mid-epoch.
+    Shared by the toy/vector and the image DataModules."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -117,7 +118,7 @@ class StreamingDataModule(L.LightningDataModule):
         state = self.state_dict()
         self._stream = SeededStream(self.draw_fn(), self.steps_per_epoch, self.seed, rank, state["epoch"],
                                     state.get("batch", 0))  # fmt: skip
-        return _StreamLoader(self._stream, batch_size=None)
+        return StatefulStreamLoader(self._stream, batch_size=None)
 
     def state_dict(self) -> dict[str, Any]:
         """``{"epoch": e}`` at an epoch boundary, ``{"epoch": e, "batch": k}`` after k batches of epoch e."""

@@ -40,19 +40,28 @@ class DriftField:
 # page faults (in a profile of the loss on Fashion-MNIST-sized features, that allocating subtraction took 4x as
 # long as the same subtraction in place), and one more [rows, N, T] matrix in the engine's memory budget.
 LSE_SLAB_ELEMENTS = 2**17
+# On a GPU the cost is per kernel launch, not per page: slabs of LSE_SLAB_ELEMENTS would mean thousands of launches
+# per call at ImageNet sizes (e.g. 65,536 rows of 64 x 144). There, at most this many slabs, so the transient stays
+# at 1/16 of x.
+MAX_GPU_SLABS = 16
+
+
+def slab_rows(shape: tuple[int, ...], on_gpu: bool) -> int:
+    """Entries of dim 0 per slab of ``_logsumexp`` for a tensor of ``shape``."""
+    rows = max(1, LSE_SLAB_ELEMENTS // max(1, math.prod(shape[1:])))
+    return max(rows, -(-shape[0] // MAX_GPU_SLABS)) if on_gpu else rows
 
 
 def _logsumexp(x: Tensor, dim: int) -> Tensor:
     """torch.logsumexp(x, dim, keepdim=True) for dim != 0, same algorithm (shift by the max, an infinite max shifted
-    by 0), with exp(x - max) formed over slabs of whole entries of dim 0 (LSE_SLAB_ELEMENTS elements, at least one
-    entry) in one reused buffer."""
+    by 0), with exp(x - max) formed over slabs of whole entries of dim 0 (``slab_rows``) in one reused buffer."""
     dim %= x.dim()
     if dim == 0:
         raise ValueError("_logsumexp walks over dim 0 in slabs, so it cannot reduce over it")
     m = x.amax(dim, keepdim=True)
     m.masked_fill_(m.isinf(), 0.0)
     out = torch.empty_like(m)
-    step = max(1, LSE_SLAB_ELEMENTS // max(1, math.prod(x.shape[1:])))
+    step = slab_rows(tuple(x.shape), x.device.type != "cpu")
     slab = x.new_empty((min(step, x.shape[0]), *x.shape[1:]))
     for a in range(0, x.shape[0], step):
         b = min(a + step, x.shape[0])

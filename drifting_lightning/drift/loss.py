@@ -34,8 +34,8 @@ FeatureDict = Mapping[str, Tensor]
 
 # [rows, N, T] float32 matrices alive at once per chunk, at most: the distances, the running sum of the
 # temperatures' coefficients (pass 3) and one temperature's logits, turned into its coefficients in place by
-# MeanShift. The kernels work in place on their result and the log-sum-exp on small slabs
-# (fields.LSE_SLAB_ELEMENTS), so neither adds a matrix.
+# MeanShift. The kernels work in place on their result and the log-sum-exp on slabs (fields.slab_rows: cache-sized
+# on the CPU, 1/16 of the matrix on a GPU), so neither adds a whole matrix.
 LIVE_MATRICES = 3
 # Up to this many channels, distances come from per-channel differences (exact) instead of the matrix product.
 DIRECT_CHANNELS = 8

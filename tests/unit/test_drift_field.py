@@ -262,6 +262,18 @@ def test_logsumexp_over_slabs_equals_torchs(slab, monkeypatch):
         fields._logsumexp(x, 0)
 
 
+def test_logsumexp_slabs_are_few_on_a_gpu():
+    """CPU: slabs of LSE_SLAB_ELEMENTS (cache-sized). GPU: at most MAX_GPU_SLABS slabs, since each is a launch."""
+    from drifting_lightning.drift import fields
+
+    shape = (65_536, 64, 144)  # ImageNet config: stage-1 locations x 64 groups, N = 64, T = 144
+    assert fields.slab_rows(shape, on_gpu=False) == fields.LSE_SLAB_ELEMENTS // (64 * 144) == 14
+    gpu = fields.slab_rows(shape, on_gpu=True)
+    assert gpu == 65_536 // fields.MAX_GPU_SLABS and -(-shape[0] // gpu) == fields.MAX_GPU_SLABS
+    small = (10, 4, 4)  # a small matrix: one slab either way
+    assert fields.slab_rows(small, on_gpu=False) >= 10 and fields.slab_rows(small, on_gpu=True) >= 10
+
+
 @pytest.mark.parametrize("name", list(FIELDS))
 def test_degenerate_inputs_stay_finite(name):
     field = FIELDS[name]
