@@ -103,6 +103,7 @@ def _tool_commands() -> dict[str, Callable[[Sequence[str]], int]]:
         "evaluate": lazy("drifting_lightning.commands.evaluate"),
         "export": lazy("drifting_lightning.commands.export"),
         "encode-latents": lazy("drifting_lightning.data.latents"),
+        "import-official": lazy("drifting_lightning.commands.import_official"),
     }
 
 
