@@ -21,7 +21,8 @@ def download_artifact(model_id: str, repo: str, cache_dir: str | None = None) ->
     try:
         root = Path(snapshot_download(repo_id=repo, allow_patterns=patterns, cache_dir=cache_dir))
     except Exception as err:  # network, auth and missing-repo errors all end the same way for the user
-        raise FileNotFoundError(f"hf://{model_id}: download from {repo} failed ({type(err).__name__}); {hint}") from None
+        failure = f"hf://{model_id}: download from {repo} failed ({type(err).__name__})"
+        raise FileNotFoundError(f"{failure}; {hint}") from None
     for kind in ARTIFACT_KINDS:
         folder = root / "models" / kind / "jax" / model_id
         if (folder / "metadata.json").is_file():
