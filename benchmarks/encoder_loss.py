@@ -39,8 +39,9 @@ from measure import CLOCKS, ROOT, PeakMemory, engine_version, machine, mb, ms, r
 
 sys.path.insert(0, str(ROOT))
 
+from drifting_lightning.checkpoints.loading import read_run_config  # noqa: E402
 from drifting_lightning.drift.loss import chunk_budget_bytes  # noqa: E402
-from drifting_lightning.export import import_class, read_run_config  # noqa: E402
+from drifting_lightning.export import import_class  # noqa: E402
 from drifting_lightning.module import _grouped  # noqa: E402
 
 CASES = {"fashion": "configs/fashion_mnist_mae.yaml", "imagenet": "configs/imagenet.yaml"}

@@ -36,8 +36,9 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from drifting_lightning.checkpoints.reading import is_distributed_checkpoint  # noqa: E402
 from drifting_lightning.data.images import DigitsDataModule, IDXDataModule, ImageDataModule  # noqa: E402
-from drifting_lightning.export import export_generator, is_distributed_checkpoint, load_generator  # noqa: E402
+from drifting_lightning.export import export_generator, load_generator  # noqa: E402
 from drifting_lightning.metrics.classifier import load_classifier  # noqa: E402
 
 

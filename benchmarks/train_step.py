@@ -47,8 +47,8 @@ sys.path.insert(0, str(ROOT))
 import lightning.pytorch as pl  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
+from drifting_lightning.checkpoints.loading import instantiate_section, read_run_config  # noqa: E402
 from drifting_lightning.encoders.base import Identity  # noqa: E402
-from drifting_lightning.export import instantiate_section, read_run_config  # noqa: E402
 
 CONFIGS = ("configs/digits.yaml", "configs/fashion_mnist.yaml", "configs/fashion_mnist_mae.yaml")
 IMAGENET = "configs/imagenet.yaml"

@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from drifting_lightning import registry
-from drifting_lightning.callbacks.resilience import harden_trainer, resolve_last_checkpoint, verify_ckpt_path_argument
+from drifting_lightning.checkpoints.resume import harden_trainer, resolve_ckpt_path, resolve_last_checkpoint
 
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError, RuntimeError, MisconfigurationException)
 
@@ -53,7 +53,7 @@ class DriftingCLI(LightningCLI):
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         if subcommand:
-            verify_ckpt_path_argument(self.config[subcommand].get("ckpt_path"))
+            resolve_ckpt_path(self.config[subcommand])
 
     def before_instantiate_classes(self) -> None:
         # "last" is resolved after LightningCLI took the model's hyper-parameters from a checkpoint given by path:

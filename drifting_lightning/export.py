@@ -1,30 +1,18 @@
-"""Export the EMA generator (safetensors + config.json), load it back without Lightning, and rebuild a trained
-module from a ``drifting fit`` checkpoint.
+"""Export the EMA generator (safetensors + config.json) and load it back without Lightning.
 
 An export directory holds ``generator.safetensors`` (the weights) and ``config.json`` (the generator's class path and
-constructor arguments, ``sample_shape``, ``num_classes``); ``load_generator`` needs only torch, safetensors and the
-generator's own module. The constructor arguments come, in order of preference, from the run's ``config.yaml``
-(what ``drifting fit`` ran; LightningCLI writes it beside the checkpoints), the generator's ``init_config``
-attribute, or the built-in generators' own record (``DiT.config``; the layer widths of ``MLPGenerator``). Every
-export is checked by building the class from the recorded arguments and loading the weights into it strictly.
-
-``DriftingModule.load_from_checkpoint`` does not work for CLI-trained runs: the module keeps its components
-(generator, loss, encoder) out of its hyper-parameters, so the checkpoint alone cannot rebuild them. ``load_module``
-therefore instantiates the ``model`` section of the run's ``config.yaml`` with jsonargparse, as the CLI did, and
-loads the checkpoint's weights into it.
-
-A checkpoint is a ``.ckpt`` file or the folder a sharded save writes (``ModelParallelStrategy`` / FSDP with
-``save_distributed_checkpoint``, their default): torch.distributed.checkpoint shards plus Lightning's ``meta.pt``.
-Such a folder is gathered into one dict in this process, with no process group.
+constructor arguments, ``sample_shape``, ``num_classes``, the weights file's sha256); ``load_generator`` needs only
+torch, safetensors and the generator's own module. The constructor arguments come, in order of preference, from the
+run's ``config.yaml`` (what ``drifting fit`` ran; LightningCLI writes it beside the checkpoints), the generator's
+``init_config`` attribute, or the built-in generators' own record (``DiT.config``; the layer widths of
+``MLPGenerator``). Every export is checked by building the class from the recorded arguments and loading the weights
+into it strictly. Checkpoints are read (and verified) by ``drifting_lightning.checkpoints``.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
-import os
-import tempfile
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,23 +21,17 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-if TYPE_CHECKING:  # Lightning is imported only by the functions that need it
-    import lightning.pytorch as pl
+from drifting_lightning.checkpoints.loading import class_path, find_run_config, read_run_config
+from drifting_lightning.checkpoints.reading import CheckpointError, PathLike, check_finite, read_checkpoint
+from drifting_lightning.checkpoints.states import describe_mismatch
+from drifting_lightning.files import atomic_write, file_sha256
 
+if TYPE_CHECKING:
     from drifting_lightning.models.base import Generator
 
 FORMAT = "drifting-generator/1"
 WEIGHTS_FILE = "generator.safetensors"
 CONFIG_FILE = "config.json"
-RUN_CONFIG = "config.yaml"
-DISTRIBUTED_INDEX = ".metadata"  # torch.distributed.checkpoint's index file in a sharded checkpoint folder
-DISTRIBUTED_META = "meta.pt"  # Lightning's file for everything but the model and optimiser in such a folder
-PathLike = str | os.PathLike
-
-
-def class_path(cls: type) -> str:
-    """``module.QualName`` of a class, what ``import_class`` reads back."""
-    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def import_class(path: str) -> type:
@@ -103,15 +85,9 @@ def _check_builds(cls: type, init_args: dict[str, Any], state: Mapping[str, torc
             own = cls(**init_args).state_dict()
     except Exception as err:
         raise ValueError(f"{class_path(cls)}(**{init_args}) from {source} fails: {err}") from err
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and
-              tuple(state[k].shape) != tuple(own[k].shape)]  # fmt: skip
-    if missing or unexpected or shapes:
-        raise ValueError(
-            f"the weights do not fit {class_path(cls)} built from {source} with {init_args}: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}, shape mismatches (weights vs built) {shapes[:5]}"
-        )
+    report = describe_mismatch(own, state, "the weights", "the built generator")
+    if report:
+        raise ValueError(f"the weights do not fit {class_path(cls)} built from {source} with {init_args}: {report}")
 
 
 def export_generator(
@@ -133,7 +109,7 @@ def export_generator(
         source = {"module": class_path(type(module))}
         needs_decoding = hasattr(module, "decode_samples")
     else:
-        ckpt_path = existing_checkpoint(module_or_ckpt)
+        ckpt_path = Path(module_or_ckpt).expanduser()
         ckpt = read_checkpoint(ckpt_path)
         spec = generator_spec(ckpt, ckpt_path, config)
         cls, init_args = import_class(spec["class_path"]), spec["init_args"]
@@ -142,13 +118,14 @@ def export_generator(
         if not state:
             raise ValueError(f"{ckpt_path} holds no '{prefix}*' weights: is it a checkpoint of a DriftingModule?")
         gen = cls(**init_args)
-        try:
-            gen.load_state_dict(state)
-        except RuntimeError as err:
-            raise ValueError(f"the generator weights in {ckpt_path} do not fit {spec}: {err}") from err
+        report = describe_mismatch(gen.state_dict(), state, "the checkpoint", "the generator built from the config")
+        if report:
+            raise ValueError(f"the generator weights in {ckpt_path} do not fit {spec}: {report}")
+        gen.load_state_dict(state)
         source = {"checkpoint": str(ckpt_path), "global_step": ckpt.get("global_step")}
         needs_decoding = False  # a latent run's decoder lives in its module; see load_module
     state = {k: v.detach().cpu() for k, v in gen.state_dict().items()}
+    check_finite(state, source.get("checkpoint") or source.get("module"))
     _check_builds(cls, init_args, state, "the recorded arguments")
     config_json = {
         "format": FORMAT,
@@ -164,20 +141,19 @@ def export_generator(
         "source": source,
     }
     try:
-        text = json.dumps(config_json, indent=2)
+        json.dumps(config_json)
     except TypeError as err:
         raise ValueError(f"the generator's arguments {init_args} are not JSON values: {err}") from err
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_FILE).unlink(missing_ok=True)  # an interrupted export must not look complete
-    tmp = out / f".{WEIGHTS_FILE}.tmp-{os.getpid()}"
     was_device = next(iter(gen.parameters()), torch.empty(0)).device
-    save_model(gen.cpu(), str(tmp), metadata={"format": FORMAT})
+    with atomic_write(out / WEIGHTS_FILE) as tmp:
+        save_model(gen.cpu(), str(tmp), metadata={"format": FORMAT})
     gen.to(was_device)
-    os.replace(tmp, out / WEIGHTS_FILE)
-    tmp_cfg = out / f".{CONFIG_FILE}.tmp-{os.getpid()}"
-    tmp_cfg.write_text(text + "\n")
-    os.replace(tmp_cfg, out / CONFIG_FILE)
+    config_json["sha256"] = file_sha256(out / WEIGHTS_FILE)  # load_generator checks it: safetensors has no CRC
+    with atomic_write(out / CONFIG_FILE) as tmp:
+        tmp.write_text(json.dumps(config_json, indent=2) + "\n")
     return out
 
 
@@ -201,8 +177,13 @@ def load_generator(path: PathLike, device: str | torch.device = "cpu") -> Genera
     weights = folder / cfg.get("weights", WEIGHTS_FILE)
     if not weights.is_file():
         raise FileNotFoundError(f"{cfg_file} names weights file {weights.name}, which is missing from {folder}")
+    if "sha256" in cfg and file_sha256(weights) != cfg["sha256"]:
+        raise CheckpointError(
+            f"{weights} is damaged: its sha256 differs from the one {cfg_file} recorded at export; export it again"
+        )
     gen = import_class(cfg["class_path"])(**cfg["init_args"])
     load_model(gen, str(weights), strict=True)
+    check_finite(gen.state_dict(), weights)
     if list(gen.sample_shape) != list(cfg["sample_shape"]):
         raise ValueError(
             f"{cfg_file}: the rebuilt generator makes {gen.sample_shape}, config says {cfg['sample_shape']}"
@@ -210,102 +191,7 @@ def load_generator(path: PathLike, device: str | torch.device = "cpu") -> Genera
     return gen.to(device).eval().requires_grad_(False)
 
 
-# ---- Lightning checkpoints and run configs ---------------------------------------------------------------------
-def existing_file(path: PathLike, what: str) -> Path:
-    """``path`` as a Path, or FileNotFoundError naming it and what it should have been."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        hint = " (drifting fit writes runs/<name>/version_<k>/checkpoints/*.ckpt)" if what == "checkpoint" else ""
-        raise FileNotFoundError(f"{what} file {str(p)!r} does not exist{hint}")
-    return p
-
-
-def is_distributed_checkpoint(path: PathLike) -> bool:
-    """Whether ``path`` is a sharded checkpoint folder (torch.distributed.checkpoint layout)."""
-    return (Path(path) / DISTRIBUTED_INDEX).is_file()
-
-
-def existing_checkpoint(path: PathLike) -> Path:
-    """``path`` as a Path when it is a checkpoint file or a sharded checkpoint folder, else FileNotFoundError."""
-    p = Path(path).expanduser()
-    if p.is_dir() and not is_distributed_checkpoint(p):
-        raise FileNotFoundError(
-            f"{str(p)!r} is a folder but not a sharded checkpoint (no {DISTRIBUTED_INDEX} file): pass a .ckpt file "
-            "or a folder that a sharded save wrote"
-        )
-    return p if p.is_dir() else existing_file(p, "checkpoint")
-
-
-def _torch_load(path: Path) -> Any:
-    """torch.load on the CPU with ``weights_only=True`` first; a file holding other Python objects (some callbacks
-    store them) is read in full, with a warning, as Lightning itself does."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle.UnpicklingError for objects beyond tensors and containers
-        if "weights_only" not in str(err) and "Unpickl" not in type(err).__name__:
-            raise ValueError(f"cannot read checkpoint {path}: {err}") from err
-        warnings.warn(
-            f"{path} holds Python objects beyond tensors; loading it in full (trusted files only)", stacklevel=3
-        )
-        return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def _read_distributed_checkpoint(path: Path) -> dict[str, Any]:
-    """A sharded checkpoint folder as one Lightning checkpoint dict: the gathered shards (``state_dict`` or FSDP's
-    ``model``, optimiser states) plus ``meta.pt`` (step, hyper-parameters, loops, callbacks, DataModule)."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    with tempfile.TemporaryDirectory() as tmp:
-        whole = Path(tmp) / "gathered.pt"
-        try:
-            dcp_to_torch_save(path, whole)
-        except Exception as err:
-            raise ValueError(f"cannot gather the sharded checkpoint {path}: {err}") from err
-        ckpt = _torch_load(whole)
-    if "state_dict" not in ckpt and "model" in ckpt:  # FSDPStrategy names the model's entry "model"
-        ckpt["state_dict"] = ckpt.pop("model")
-    if (path / DISTRIBUTED_META).is_file():
-        ckpt.update(_torch_load(path / DISTRIBUTED_META))
-    return ckpt
-
-
-def read_checkpoint(path: PathLike) -> dict[str, Any]:
-    """A Lightning checkpoint (a file or a sharded checkpoint folder) as a dict, on the CPU."""
-    path = existing_checkpoint(path)
-    ckpt = _read_distributed_checkpoint(path) if path.is_dir() else _torch_load(path)
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise ValueError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
-    return ckpt
-
-
-def find_run_config(ckpt_path: PathLike) -> Path:
-    """The config.yaml of the run a checkpoint belongs to: beside it or in the folder above (LightningCLI writes
-    ``<log_dir>/config.yaml``, ModelCheckpoint ``<log_dir>/checkpoints/*.ckpt``)."""
-    ckpt_path = Path(ckpt_path).resolve()
-    candidates = [ckpt_path.parent / RUN_CONFIG, ckpt_path.parent.parent / RUN_CONFIG]
-    for c in candidates:
-        if c.is_file():
-            return c
-    raise FileNotFoundError(
-        f"no {RUN_CONFIG} for checkpoint {ckpt_path} (looked at {', '.join(map(str, candidates))}). `drifting fit` "
-        f"writes it to the run folder runs/<name>/version_<k>/; pass the run's config with --config"
-    )
-
-
-def read_run_config(path: PathLike) -> dict[str, Any]:
-    """The YAML of a ``drifting fit`` config (or the config.yaml a run saved) as a dict."""
-    import yaml
-
-    path = existing_file(path, "config")
-    try:
-        cfg = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path} is not valid YAML: {err}") from err
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path} does not hold a config mapping (model:, data:, trainer:)")
-    return cfg
-
-
+# ---- checkpoints ----------------------------------------------------------------------------------------------
 def generator_spec(ckpt: Mapping[str, Any], ckpt_path: Path, config: PathLike | None = None) -> dict[str, Any]:
     """{"class_path", "init_args"} of a checkpoint's generator: from its hyper-parameters when they hold it, else
     from the ``model.init_args.generator`` section of the run's config.yaml (or ``config``)."""
@@ -323,63 +209,3 @@ def generator_spec(ckpt: Mapping[str, Any], ckpt_path: Path, config: PathLike | 
     if nested:
         raise ValueError(f"generator arguments {nested} in {where} are objects; an export records plain values only")
     return {"class_path": spec["class_path"], "init_args": init_args}
-
-
-def instantiate_section(config_path: PathLike, section: str, base: type) -> Any:
-    """Build the ``section`` ("model" or "data") of a ``drifting fit`` config with jsonargparse, as the CLI does.
-
-    ``base``: the section's base class (``LightningModule`` / ``LightningDataModule``); short class names and
-    third-party plug-ins resolve as on the command line.
-    """
-    from jsonargparse import ArgumentParser
-
-    from drifting_lightning import registry
-
-    cfg = read_run_config(config_path)
-    if section not in cfg:
-        raise KeyError(f"{config_path} has no '{section}:' section (it has {sorted(cfg)})")
-    registry.load_components()
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(base, section, fail_untyped=False)
-    try:
-        parsed = parser.parse_object({section: cfg[section]})
-        return getattr(parser.instantiate_classes(parsed), section)
-    except Exception as err:  # jsonargparse's ArgumentError and errors raised by the constructors
-        raise ValueError(f"cannot build '{section}' from {config_path}: {err}") from err
-
-
-def load_module(ckpt_path: PathLike, config: PathLike | None = None, strict: bool = True) -> pl.LightningModule:
-    """The LightningModule of a ``drifting fit`` checkpoint, on the CPU in eval mode, with its trained weights.
-
-    Built from the ``model`` section of ``config`` (default: the run's config.yaml beside the checkpoint) and loaded
-    with the checkpoint's ``state_dict``. A config whose hyper-parameters differ from the checkpoint's is reported.
-    """
-    import lightning.pytorch as pl
-
-    ckpt_path = existing_checkpoint(ckpt_path)
-    ckpt = read_checkpoint(ckpt_path)
-    cfg_path = Path(config) if config is not None else find_run_config(ckpt_path)
-    module = instantiate_section(cfg_path, "model", pl.LightningModule)
-    saved = ckpt.get("hyper_parameters") or {}
-    if saved.get("_class_path") not in (None, class_path(type(module))):
-        raise ValueError(
-            f"{cfg_path} builds {class_path(type(module))} but {ckpt_path} was saved by {saved['_class_path']}: "
-            "pass the run's own config with --config"
-        )
-    differ = [k for k, v in saved.items() if not k.startswith("_") and k in module.hparams
-              and json.dumps(v, default=str) != json.dumps(_plain(module.hparams[k]), default=str)]  # fmt: skip
-    if differ:
-        warnings.warn(f"{cfg_path} and {ckpt_path} disagree on {differ}: is the config from another run?", stacklevel=2)
-    module.on_load_checkpoint(ckpt)
-    try:
-        module.load_state_dict(ckpt["state_dict"], strict=strict)
-    except RuntimeError as err:
-        raise ValueError(f"the weights in {ckpt_path} do not fit the model built from {cfg_path}: {err}") from err
-    return module.eval()
-
-
-def _plain(value: Any) -> Any:
-    """Tuples -> lists, so that hyper-parameters compare equal to their YAML/checkpoint form."""
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value

@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
 from torch import Tensor
 
-from drifting_lightning.callbacks.resilience import check_state_fits
+from drifting_lightning.checkpoints.states import check_state_fits
 from drifting_lightning.drift.loss import DriftingLoss
 from drifting_lightning.encoders.base import FeatureEncoder, Identity
 from drifting_lightning.models.base import Generator
@@ -220,7 +220,7 @@ class DriftingModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Name the tensors that differ before Lightning's strict load fails on them. Sharded strategies load (and
-        # check) their own way; without a trainer (export.load_module) the caller chooses strictness.
+        # check) their own way; without a trainer (checkpoints.loading.load_module) the caller chooses strictness.
         trainer = self._trainer
         if (trainer is not None and self.strict_loading and "state_dict" in checkpoint
                 and isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy))):  # fmt: skip

@@ -52,10 +52,10 @@ def metric_kind(metric: str) -> str:
 
 def encoder_from_checkpoint(path: str) -> FeatureEncoder:
     """A frozen ResNetMAE built from an ``MAEPretraining`` checkpoint (it stores ``encoder_config``)."""
-    from drifting_lightning.encoders.checkpoint import read_checkpoint
+    from drifting_lightning.checkpoints.reading import read_weights
     from drifting_lightning.encoders.resnet_mae import ResNetMAE
 
-    config = read_checkpoint(path).get("encoder_config")
+    config = read_weights(path, "encoder checkpoint").get("encoder_config")
     if not isinstance(config, dict):
         raise ValueError(
             f"{path} holds no `encoder_config`, so it is not an MAEPretraining checkpoint (configs/mae/*.yaml). "

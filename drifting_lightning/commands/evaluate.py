@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from drifting_lightning.commands import resolve_device, run_command
+from drifting_lightning.files import atomic_write
 from drifting_lightning.metrics.npz import to_uint8
 
 IS_SPLITS = 10
@@ -55,7 +55,8 @@ def encoder_for(checkpoint: str) -> nn.Module:
     """The encoder of ``fd_encoder``: a ResNetMAE from an MAEPretraining checkpoint, or the feature encoder of a
     ``drifting fit`` run."""
     from drifting_lightning.callbacks.frechet import encoder_from_checkpoint
-    from drifting_lightning.export import existing_file, load_module, read_checkpoint
+    from drifting_lightning.checkpoints.loading import load_module
+    from drifting_lightning.checkpoints.reading import existing_file, read_checkpoint
 
     existing_file(checkpoint, "encoder checkpoint")
     if "encoder_config" in read_checkpoint(checkpoint):
@@ -111,7 +112,7 @@ def reference_images(args: argparse.Namespace, num_samples: int) -> tuple[np.nda
         return images, stats, args.ref
     import lightning.pytorch as pl
 
-    from drifting_lightning.export import instantiate_section
+    from drifting_lightning.checkpoints.loading import instantiate_section
 
     dm = instantiate_section(args.data_config, "data", pl.LightningDataModule)
     if not hasattr(dm, "real_samples"):
@@ -226,10 +227,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"precision: {result['precision']:.4f}\nrecall: {result['recall']:.4f}")
     if args.out:
         out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp, out)
+        with atomic_write(out) as tmp:
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {out}")
     return 0
 

@@ -69,7 +69,8 @@ def sample_images(
 def sampler_from(path: str, config: str | None, alpha: float, device: torch.device) -> tuple[SampleFn, int]:
     """(sample function, number of classes) of a ``drifting fit`` checkpoint (its module's EMA generator and
     ``decode_samples``) or of a ``drifting export`` directory (the generator alone)."""
-    from drifting_lightning.export import is_distributed_checkpoint, load_generator
+    from drifting_lightning.checkpoints.reading import is_distributed_checkpoint
+    from drifting_lightning.export import load_generator
 
     if Path(path).is_dir() and not is_distributed_checkpoint(path):
         gen = load_generator(path, device)
@@ -81,7 +82,7 @@ def sampler_from(path: str, config: str | None, alpha: float, device: torch.devi
         return from_export, gen.num_classes
 
     from drifting_lightning.callbacks.sample_grid import decode, generator_classes
-    from drifting_lightning.export import load_module
+    from drifting_lightning.checkpoints.loading import load_module
 
     module = load_module(path, config).to(device)
 

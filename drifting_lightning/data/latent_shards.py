@@ -32,6 +32,7 @@ from torch import Tensor
 
 from drifting_lightning.data.image_sources import FolderSource, ImageSource
 from drifting_lightning.data.vae import resolve_vae_dir, vae_fingerprint
+from drifting_lightning.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -44,25 +45,6 @@ _ST_CODES = {"float16": "F16", "float32": "F32", "float64": "F64", "int64": "I64
 
 def shard_name(k: int) -> str:
     return f"shard-{k:05d}.safetensors"
-
-
-def _fsync_dir(folder: Path) -> None:
-    # The rename is durable only once the directory entry is on disk (POSIX); not possible on every OS.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def temporary_name(path: Path) -> Path:
-    """A hidden name beside ``path``, unique per host and process (several nodes may share the folder)."""
-    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
 
 
 def write_safetensors(arrays: dict[str, np.ndarray], path: Path, metadata: dict[str, str]) -> None:
@@ -84,19 +66,12 @@ def write_safetensors(arrays: dict[str, np.ndarray], path: Path, metadata: dict[
         f.write(struct.pack("<Q", len(raw)) + raw)
         for name in sorted(arrays):
             f.write(np.ascontiguousarray(arrays[name], arrays[name].dtype.newbyteorder("<")).data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def write_shard(path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
     """Write a safetensors file atomically: temporary name, fsync, rename over ``path``."""
-    tmp = temporary_name(path)
-    try:
+    with atomic_write(path) as tmp:
         write_safetensors(arrays, tmp, metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
 
 
 def remove_stale_temporaries(path: Path, max_age_s: float = 3600.0) -> None:
@@ -175,18 +150,9 @@ def open_array(path: Path, name: str) -> np.ndarray:
 
 def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
     """``root/manifest.json`` atomically, keys sorted, so equal manifests are equal bytes."""
-    path = root / MANIFEST
-    tmp = temporary_name(path)
-    try:
-        with open(tmp, "w") as f:
-            json.dump(manifest, f, indent=1, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(root)
+    with atomic_write(root / MANIFEST) as tmp, open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+        f.write("\n")
 
 
 def read_manifest(root: str | Path) -> dict[str, Any]:

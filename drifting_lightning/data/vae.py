@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from drifting_lightning.files import file_sha256
+
 if TYPE_CHECKING:  # diffusers takes seconds to import: only the functions that need it import it
     from diffusers import AutoencoderKL
 
@@ -133,11 +135,7 @@ def _file_sha256(path: Path) -> str:
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _fingerprints:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                digest.update(block)
-        _fingerprints[key] = digest.hexdigest()
+        _fingerprints[key] = file_sha256(path)
     return _fingerprints[key]
 
 

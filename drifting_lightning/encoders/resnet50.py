@@ -15,8 +15,9 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from drifting_lightning.checkpoints.reading import read_weights
 from drifting_lightning.encoders.base import FeatureEncoder
-from drifting_lightning.encoders.checkpoint import load_weights, read_checkpoint, tensors_under
+from drifting_lightning.encoders.checkpoint import load_weights, tensors_under
 from drifting_lightning.encoders.stats import FAMILIES, INPUT_STATISTICS, input_statistic, multiscale_features
 
 KEY_LAYOUTS = ("auto", "moco", "torchvision", "simclr")
@@ -94,7 +95,7 @@ class PretrainedResNet50(FeatureEncoder):
         self.freeze()
 
     def load_checkpoint(self, path: str | Path, key_layout: str = "auto") -> None:
-        obj = read_checkpoint(path)
+        obj = read_weights(path, "encoder checkpoint")
         layout = detect_layout(obj) if key_layout == "auto" else key_layout
         hint = (
             f"key layout {layout!r}"

@@ -14,8 +14,9 @@ from pathlib import Path
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from drifting_lightning.checkpoints.reading import read_weights
 from drifting_lightning.encoders.base import FeatureEncoder
-from drifting_lightning.encoders.checkpoint import load_weights, read_checkpoint, tensors_under
+from drifting_lightning.encoders.checkpoint import load_weights, tensors_under
 from drifting_lightning.encoders.stats import FAMILIES, INPUT_STATISTICS, input_statistic, multiscale_features
 
 
@@ -180,7 +181,7 @@ class ResNetMAE(FeatureEncoder):
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Load backbone weights from an ``MAEPretraining`` Lightning checkpoint or a plain state_dict file."""
-        obj = read_checkpoint(path)
+        obj = read_weights(path, "encoder checkpoint")
         hint = ""
         if isinstance(obj.get("state_dict"), dict):  # Lightning checkpoint of MAEPretraining
             lightning = obj["state_dict"]

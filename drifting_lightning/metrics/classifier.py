@@ -17,6 +17,9 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from drifting_lightning.checkpoints.reading import read_weights
+from drifting_lightning.files import atomic_write
+
 CHECKPOINT_FORMAT = "drifting-classifier/1"
 ARCH_KEYS = ("in_channels", "num_classes", "width", "feature_dim")  # the SmallCNN arguments a checkpoint stores
 
@@ -55,13 +58,11 @@ class SmallCNN(nn.Module):
 def save_classifier(path: str | os.PathLike, net: SmallCNN, hparams: dict, test_accuracy: float | None) -> Path:
     """Write the classifier file that ``load_classifier`` reads (temporary file + rename, never half-written)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     state = {k: v.detach().cpu() for k, v in net.state_dict().items()}  # loadable on a machine without a GPU
     payload = {"format": CHECKPOINT_FORMAT, "hparams": hparams, "state_dict": state}
     payload["test_accuracy"] = test_accuracy
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        torch.save(payload, tmp)
     return path
 
 
@@ -73,7 +74,7 @@ def load_classifier(path: str | os.PathLike) -> SmallCNN:
             f"classifier checkpoint {path} not found; train one with "
             "`drifting fit --config configs/classifier/fashion_mnist.yaml` (it writes classifier.pt)"
         )
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = read_weights(path, "classifier checkpoint")
     if ckpt.get("format") == CHECKPOINT_FORMAT:
         hparams, state = ckpt["hparams"], ckpt["state_dict"]
     elif "hyper_parameters" in ckpt and "state_dict" in ckpt:

@@ -6,7 +6,6 @@ Inception network with the standard 2015-12-05 weights gives ``fid``; everything
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import warnings
@@ -17,6 +16,7 @@ from torch import Tensor, nn
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 
 from drifting_lightning.encoders.base import FeatureEncoder
+from drifting_lightning.files import file_sha256
 from drifting_lightning.metrics.classifier import load_classifier
 from drifting_lightning.metrics.npz import to_uint8
 
@@ -55,11 +55,7 @@ def resolve_inception_weights(weights: str | os.PathLike | None = None) -> Path:
 
 def is_standard_inception(path: str | os.PathLike) -> bool:
     """Whether the file's sha256 starts with the hash in torch-fidelity's file name (the published weights)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest().startswith(INCEPTION_SHA256_PREFIX)
+    return file_sha256(path).startswith(INCEPTION_SHA256_PREFIX)
 
 
 class InceptionExtractor(nn.Module):

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from drifting_lightning.files import atomic_write
+
 
 def to_uint8(x: Tensor, channels_last: bool = True) -> Tensor:
     """x: [B, C, H, W] float in [-1, 1] -> uint8, [B, H, W, C] (default) or [B, C, H, W].
@@ -42,11 +44,6 @@ def write_adm_npz(
             raise ValueError(f"labels must be [{images.shape[0]}] to match the images, got {list(labels.shape)}")
         arrays["arr_1"] = labels
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")  # np.savez appends .npz to other names
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez appends .npz to other names
+        np.savez(f, **arrays)
     return path

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from drifting_lightning.files import atomic_write
 from drifting_lightning.metrics.frechet import feature_moments, mean_cov
 
 
@@ -54,13 +55,8 @@ def load_reference_npz(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]
 def save_reference_npz(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, **extra: str) -> Path:
     """Write mu, sigma (+ string metadata) atomically: temporary file beside ``path``, then rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
-    try:
-        np.savez(tmp, mu=mu, sigma=sigma, **{k: np.array(v) for k, v in extra.items()})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, mu=mu, sigma=sigma, **{k: np.array(v) for k, v in extra.items()})
     return path
 
 

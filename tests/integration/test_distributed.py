@@ -182,7 +182,8 @@ def test_toy_fsdp2_equals_ddp(toy_ddp: Path, tmp_path: Path):
 def test_sharded_fsdp2_checkpoint_exports_the_gathered_weights(tmp_path: Path):
     """FSDP2 with its default sharded save (a folder per checkpoint) and with the gathered save (one file): the same
     run, so both exports must hold the same EMA generator, and `drifting export` must read the folder."""
-    from drifting_lightning.export import export_generator, is_distributed_checkpoint, read_checkpoint
+    from drifting_lightning.checkpoints.reading import is_distributed_checkpoint, read_checkpoint
+    from drifting_lightning.export import export_generator
 
     sharded = [a if a != "false" else "true" for a in FSDP2]
     check(fit(tmp_path / "sharded", 2, *DIGITS, *sharded))

@@ -13,9 +13,10 @@ import pytest
 import torch
 import yaml
 
+from drifting_lightning.checkpoints.loading import load_module
 from drifting_lightning.commands import evaluate, export, sample
 from drifting_lightning.data.images import DigitsDataModule
-from drifting_lightning.export import export_generator, load_generator, load_module
+from drifting_lightning.export import export_generator, load_generator
 from drifting_lightning.metrics.classifier import ClassifierTraining
 from drifting_lightning.metrics.extractors import ClassifierExtractor
 from drifting_lightning.metrics.frechet import FrechetDistance

@@ -16,7 +16,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from drifting_lightning.callbacks.resilience import AtomicCheckpointIO, TrainingRNG
+from drifting_lightning.callbacks.rng import TrainingRNG
+from drifting_lightning.checkpoints.atomic_io import AtomicCheckpointIO
 from drifting_lightning.data.toy import ToyDataModule
 from drifting_lightning.models.mlp import MLPGenerator
 from drifting_lightning.module import DriftingModule

@@ -13,16 +13,12 @@ from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, IterableDataset
 
-from drifting_lightning.callbacks.resilience import (
-    AtomicCheckpointIO,
-    CheckpointError,
-    GracefulStop,
-    TrainingRNG,
-    check_state_fits,
-    harden_trainer,
-    resolve_last_checkpoint,
-    verify_checkpoint_file,
-)
+from drifting_lightning.callbacks.graceful_stop import GracefulStop
+from drifting_lightning.callbacks.rng import TrainingRNG
+from drifting_lightning.checkpoints.atomic_io import AtomicCheckpointIO
+from drifting_lightning.checkpoints.reading import CheckpointError, verify_checkpoint_file
+from drifting_lightning.checkpoints.resume import harden_trainer, resolve_last_checkpoint
+from drifting_lightning.checkpoints.states import check_state_fits
 from drifting_lightning.models.mlp import MLPGenerator
 from drifting_lightning.module import DriftingModule
 
@@ -91,7 +87,7 @@ def test_foreign_model_config_names_every_differing_tensor():
     assert "ema_generator.head.weight [2, 32] in the checkpoint, [2, 16] in this run" in message
     with pytest.raises(ValueError) as err:
         check_state_fits(deep.state_dict(), {"state_dict": small.state_dict()}, "small.ckpt")
-    assert "4 missing from the checkpoint: generator.body.2.weight; generator.body.2.bias" in str(err.value)
+    assert "4 missing keys: generator.body.2.weight; generator.body.2.bias" in str(err.value)
 
 
 class _Steps(IterableDataset):

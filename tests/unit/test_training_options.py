@@ -12,8 +12,8 @@ import yaml
 from torch.utils.data import DataLoader, IterableDataset
 
 import drifting_lightning.models.dit as dit
+from drifting_lightning.checkpoints.loading import instantiate_section
 from drifting_lightning.drift import DriftingLoss
-from drifting_lightning.export import instantiate_section
 from drifting_lightning.models.mlp import MLPGenerator
 from drifting_lightning.module import DriftingModule, NonFiniteLossError
 
