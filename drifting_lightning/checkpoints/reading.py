@@ -70,12 +70,12 @@ def foreign_kind(path: Path) -> str | None:
     if "\0" in text:
         return None
     if path.suffix in (".yaml", ".yml"):
-        return "a text file (YAML: a run's config goes to --config)"
+        return "a YAML text file (a run's config goes to --config)"
     return "a JSON text file" if text.lstrip().startswith(("{", "[")) else "a text file"
 
 
 def not_a(path: Path, kind: str, expected: str) -> CheckpointError:
-    return CheckpointError(f"{path} is {kind}, not a weights file: expected {expected}")
+    return CheckpointError(f"{path} is {kind}, not {expected}")
 
 
 # ---- checks -----------------------------------------------------------------------------------------------------
@@ -107,8 +107,8 @@ def verify_checkpoint_file(path: PathLike, expected: str = FIT_CHECKPOINT) -> No
 def _others(path: Path) -> str:
     others = sorted(p.name for p in path.parent.glob("*.ckpt") if p.name != path.name) if path.parent.is_dir() else []
     if others:
-        return f" Other checkpoints in {path.parent}: {', '.join(others)}; pass one with --ckpt_path, or start anew."
-    return " Resume from another checkpoint with --ckpt_path, or start a new run without it."
+        return f" Other checkpoints in {path.parent}: {', '.join(others)}; use one of them, or start anew."
+    return " Use another checkpoint, or start a new run without --ckpt_path."
 
 
 def check_finite(tensors: Mapping[str, Any], source: PathLike) -> None:

@@ -33,16 +33,18 @@ VERSION = re.compile(r"^version_\d+$")  # the version folders of TensorBoard and
 
 
 def resolve_ckpt_path(config: Namespace) -> None:
-    """Check the ``ckpt_path`` of a parsed subcommand section ``config`` (a file: complete and a checkpoint; a run
-    folder: replaced by its newest ``last.ckpt``). Keywords ("last", "best", "hpc"), registry names, remote URLs and
-    sharded checkpoint folders are left to Lightning."""
+    """Check the ``ckpt_path`` of a parsed subcommand section ``config``: a file must be a complete checkpoint; a run
+    folder becomes its newest ``last.ckpt``, and the run logs into that folder as with "last". Keywords ("last",
+    "best", "hpc"), registry names, remote URLs and sharded checkpoint folders are left to Lightning."""
     ckpt_path = config.get("ckpt_path")
     if not ckpt_path or ckpt_path in ("last", "best", "hpc") or "://" in ckpt_path or ckpt_path.startswith("registry:"):
         return
     if os.path.isdir(ckpt_path):
         if not is_distributed_checkpoint(ckpt_path):
-            config.ckpt_path = str(last_in_run_folder(Path(ckpt_path)))
-            notice(f"--ckpt_path {ckpt_path} is a run folder: resuming from {config.ckpt_path}")
+            last = last_in_run_folder(Path(ckpt_path))
+            config.ckpt_path = str(last)
+            _log_into_run_of(config, last)
+            notice(f"--ckpt_path {ckpt_path} is a run folder: resuming from {last}")
         return
     verify_checkpoint_file(ckpt_path)
 
@@ -66,8 +68,7 @@ def last_in_run_folder(folder: Path) -> Path:
 # ---- resuming with --ckpt_path last ------------------------------------------------------------------------
 def resolve_last_checkpoint(config: Namespace) -> None:
     """For ``drifting fit --ckpt_path last``: set ``config.ckpt_path`` to the newest ``last.ckpt`` of the run, and point
-    a TensorBoard/CSV logger without a fixed ``version`` at the version folder that holds it, so that the resumed
-    run writes its logs and checkpoints where the interrupted one did. ``config``: the parsed ``fit`` section.
+    the logger at the version folder that holds it (``_log_into_run_of``). ``config``: the parsed ``fit`` section.
 
     Where the run keeps its checkpoints: a ModelCheckpoint's ``dirpath`` when set, else
     ``<logger save_dir>/<name>/<version>/checkpoints`` (every version is searched), else
@@ -100,10 +101,21 @@ def resolve_last_checkpoint(config: Namespace) -> None:
         return
     newest = max(found, key=lambda p: p.stat().st_mtime)
     config.ckpt_path = str(newest)
-    run_folder = newest.parent.parent
-    if isinstance(logger, Namespace) and logger.init_args.get("version") is None and run_folder.parent == base:
-        logger.init_args.version = int(run_folder.name[8:]) if VERSION.match(run_folder.name) else run_folder.name
+    _log_into_run_of(config, newest)
     notice(f"--ckpt_path last: resuming from {newest}")
+
+
+def _log_into_run_of(config: Namespace, checkpoint: Path) -> None:
+    """Point a TensorBoard/CSV logger without a fixed ``version`` at the version folder whose ``checkpoints/`` holds
+    ``checkpoint``, so that the resumed run writes its logs and checkpoints where the interrupted one did."""
+    trainer = config.get("trainer") or Namespace()
+    logger = _first_logger(trainer.get("logger"))
+    if not isinstance(logger, Namespace) or logger.init_args.get("version") is not None:
+        return
+    base = Path(logger.init_args.save_dir) / str(logger.init_args.get("name") or "")
+    run_folder = checkpoint.parent.parent
+    if run_folder.parent.resolve() == base.resolve():
+        logger.init_args.version = int(run_folder.name[8:]) if VERSION.match(run_folder.name) else run_folder.name
 
 
 def _first_logger(logger: Any) -> Namespace | bool | None:

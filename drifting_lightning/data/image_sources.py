@@ -11,6 +11,7 @@ import logging
 import multiprocessing
 import os
 import struct
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -72,11 +73,18 @@ _IDX_DTYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x
 def read_idx(path: str | Path) -> np.ndarray:
     """Parse an IDX file (gzipped if the name ends in .gz): magic 0 0 <dtype> <ndim>, big-endian int32 dims, data."""
     path = Path(path)
-    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
-        data = f.read()
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            data = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+        raise ValueError(f"{path} is not a complete gzip file ({err}): expected a gzipped IDX file; download it "
+                         "again") from err  # fmt: skip
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
         raise ValueError(f"{path} is not an IDX file (magic number {data[:4].hex() or 'missing'})")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise ValueError(f"{path} is not a complete IDX file: its header is cut short ({len(data)} bytes, "
+                         f"{ndim} dimensions need {4 + 4 * ndim}); download it again")  # fmt: skip
     shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     dtype = np.dtype(_IDX_DTYPES[data[2]])
     body = data[4 + 4 * ndim :]
