@@ -170,7 +170,10 @@ def _torch_load(path: Path, map_location: Any, weights_only: bool | None) -> Any
     except (RuntimeError, EOFError, OSError) as err:
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err})") from err
     warnings.warn(f"{path} holds Python objects beyond tensors; loading it in full (trusted files only)", stacklevel=3)
-    return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:  # the objects need code that is not installed, or the pickle itself is damaged
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err})") from err
 
 
 def _read_distributed_checkpoint(path: Path) -> dict[str, Any]:

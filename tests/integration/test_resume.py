@@ -235,6 +235,18 @@ def test_fit_refuses_corrupted_and_foreign_checkpoints(tmp_path: Path):
     assert f"checkpoint {last} is corrupted: it is not a complete torch.save archive" in out.stderr
     assert "Traceback" not in out.stderr
 
+    # A run folder: its checkpoints/last.ckpt, continued in the same folder; a folder without one: what is expected.
+    last.write_bytes(good)
+    run = last.parent.parent
+    out = run_drifting(*toy(tmp_path, 4, "--ckpt_path", str(run)))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"--ckpt_path {run} is a run folder: resuming from {last}" in out.stderr
+    assert load(last)["global_step"] == 4 and sorted(losses(run)) == [0, 1, 2, 3]  # logged on in version_0
+    folders = sorted(run.parent.iterdir())
+    out = run_drifting(*toy(tmp_path, 6, "--ckpt_path", str(tmp_path)))
+    assert out.returncode == 1 and f"--ckpt_path {tmp_path} is a folder without a last.ckpt" in out.stderr
+    assert sorted(run.parent.iterdir()) == folders  # refused before any version folder is made
+
 
 def test_sigterm_to_the_whole_job_with_dataloader_workers_stops_cleanly_and_resumes_exactly(tmp_path: Path):
     """SLURM signals every process of a job, DataLoader workers included (a terminal's Ctrl-C does the same with
