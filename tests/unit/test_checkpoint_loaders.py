@@ -107,6 +107,9 @@ def test_encoder_and_classifier_weights_are_verified(tmp_path: Path):
     encoder = ResNetMAE(in_channels=1, width=8, stages=(1,), input_size=8)
     torch.save(encoder.backbone.state_dict(), tmp_path / "encoder.pt")
     ResNetMAE(in_channels=1, width=8, stages=(1,), input_size=8, checkpoint=str(tmp_path / "encoder.pt"))  # intact
+    legacy = tmp_path / "legacy.pth"  # torch < 1.6 wrote a plain pickle (no zip, so no CRC): still read
+    torch.save(encoder.backbone.state_dict(), legacy, _use_new_zipfile_serialization=False)
+    assert read_weights(legacy).keys() == encoder.backbone.state_dict().keys()
     member = damage_tensor_bytes(tmp_path / "encoder.pt")
     with pytest.raises(CheckpointError, match=f"encoder.pt is corrupted: its member {member} fails its CRC-32"):
         ResNetMAE(in_channels=1, width=8, stages=(1,), input_size=8, checkpoint=str(tmp_path / "encoder.pt"))
