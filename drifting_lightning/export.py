@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_model
 from torch import nn
 
 if TYPE_CHECKING:  # Lightning is imported only by the functions that need it
@@ -208,6 +208,23 @@ def load_generator(path: PathLike, device: str | torch.device = "cpu") -> Genera
             f"{cfg_file}: the rebuilt generator makes {gen.sample_shape}, config says {cfg['sample_shape']}"
         )
     return gen.to(device).eval().requires_grad_(False)
+
+
+def load_generator_weights(generator: nn.Module, path: PathLike) -> None:
+    """Copy the weights of an export folder into ``generator`` (same architecture), e.g. to start a run from them."""
+    folder = Path(path)
+    cfg_file = folder / CONFIG_FILE
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"init_from {folder}: no {CONFIG_FILE}, not a generator export (drifting export or "
+                                "drifting import-official writes one)")  # fmt: skip
+    cfg = json.loads(cfg_file.read_text())
+    state = load_file(str(folder / cfg.get("weights", WEIGHTS_FILE)))
+    try:
+        generator.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        what = " ".join(str(err).split())[:400]
+        raise ValueError(f"init_from {folder}: its weights do not fit this generator ({what}); build the generator "
+                         f"with {cfg.get('class_path')} and {cfg.get('init_args')}") from None  # fmt: skip
 
 
 # ---- Lightning checkpoints and run configs ---------------------------------------------------------------------
