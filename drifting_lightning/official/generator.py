@@ -143,19 +143,20 @@ def load_official_generator(folder: str | Path) -> tuple[DiT, dict[str, Any]]:
     if missing:
         raise ArtifactError(f"{source}: missing key {missing[0]!r} (expected shape {list(rules[missing[0]].shape)}; "
                             f"{len(missing)} missing)")  # fmt: skip
-    state = {k: torch.empty_like(v) for k, v in model.state_dict().items()}
+    bad = [f"key {k!r} has shape {list(params[k].shape)}, expected {list(r.shape)}" for k, r in rules.items()
+           if tuple(params[k].shape) != r.shape]  # fmt: skip
+    if bad:
+        raise ArtifactError(f"{source}: {bad[0]}" + (f" ({len(bad)} shape mismatches)" if len(bad) > 1 else ""))
+    state = model.state_dict()  # shares storage with the parameters: copies below fill the model in place
     filled = dict.fromkeys(state, 0)
-    for key, rule in rules.items():
-        value = params[key]
-        if tuple(value.shape) != rule.shape:
-            raise ArtifactError(f"{source}: key {key!r} has shape {list(value.shape)}, expected {list(rule.shape)}")
-        target = state[rule.target] if rule.rows is None else state[rule.target][rule.rows]
-        target.copy_(rule.convert(value.float()))
-        filled[rule.target] += target.numel()
+    with torch.no_grad():
+        for key, rule in rules.items():
+            target = state[rule.target] if rule.rows is None else state[rule.target][rule.rows]
+            target.copy_(rule.convert(params.pop(key).float()))  # pop: each array is freed once copied
+            filled[rule.target] += target.numel()
     unfilled = [k for k, v in state.items() if filled[k] != v.numel()]
     if unfilled:  # a rule table that misses part of a parameter is our bug, not the user's
         raise RuntimeError(f"the import rules leave {unfilled} of our DiT unset")
-    model.load_state_dict(state, strict=True)
     return model, metadata
 
 

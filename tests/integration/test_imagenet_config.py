@@ -89,7 +89,9 @@ def small_callbacks(config: str, inception_weights: Path) -> list[dict]:
     return callbacks
 
 
-@pytest.mark.parametrize("config", ["imagenet.yaml", "imagenet_sota_B.yaml", "imagenet_sota_L.yaml"])
+# The sota recipes differ from imagenet.yaml only in values (checked above), so their runs are slow-marked.
+@pytest.mark.parametrize("config", ["imagenet.yaml", *(pytest.param(c, marks=pytest.mark.slow)
+                                                       for c in ("imagenet_sota_B.yaml", "imagenet_sota_L.yaml"))])
 def test_imagenet_latent_config_encodes_then_trains(config: str, tmp_path: Path, random_weights: Path):  # noqa: F811
     vae = make_tiny_vae(tmp_path / "vae")
     images = make_image_folder(tmp_path / "images")
