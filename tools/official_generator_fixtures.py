@@ -6,10 +6,13 @@ prove nothing), saved as their artifact (``gen_<name>/metadata.json`` + ``ema_pa
 ``gen_<name>.npz``: fixed BHWC noise, labels, style labels and their samples for alpha 1.0, 2.5 and a per-sample
 alpha vector, plus the untouched initial ``pos_embed`` (their 2-D sin-cos init). ``gen_reader.msgpack`` +
 ``gen_reader.npz`` exercise the msgpack reader: float32, bfloat16, a chunked array and a scalar, written by flax.
+``gen_release_shapes.json``: for each of their configs/gen/*.yaml, the model_config their train.py records and the
+name and shape of every parameter (``jax.eval_shape``, nothing initialised), the layout of their released artifacts.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import jax
@@ -98,9 +101,34 @@ def write_reader_fixture(out: Path) -> None:
     np.savez(out / "gen_reader.npz", **{k.replace("/", "."): v for k, v in expected.items()})
 
 
+def write_release_shapes(out: Path) -> None:
+    """Parameter names and shapes of their five released configurations."""
+    import yaml
+    from models import generator
+    from models.generator import DitGen
+
+    configs = Path(generator.__file__).resolve().parents[1] / "configs" / "gen"
+    release = {}
+    for path in sorted(configs.glob("*.yaml")):
+        cfg = yaml.safe_load(path.read_text())
+        module = DitGen(num_classes=cfg["dataset"]["num_classes"], **cfg["model"])
+        # What their train.py (_generator_model_config) writes into metadata.json.
+        model_config = {k: v for k, v in vars(module).items() if k not in {"parent", "name"} and not k.startswith("_")}
+        size, chans, coords = module.input_size, module.in_channels, max(1, module.noise_coords)
+        args = (jnp.zeros((1, size, size, chans)), jnp.zeros((1,), jnp.int32), jnp.ones((1,)),
+                jnp.zeros((1, coords), jnp.int32))  # fmt: skip
+        shapes = jax.eval_shape(lambda m=module, a=args: m.init({"params": jax.random.PRNGKey(0)}, *a,
+                                                                method=_forward))["params"]  # fmt: skip
+        flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
+        release[path.stem] = {"model_config": model_config,
+                              "shapes": {"/".join(k.key for k in keys): list(x.shape) for keys, x in flat}}  # fmt: skip
+    (out / "gen_release_shapes.json").write_text(json.dumps(release, indent=1, sort_keys=True) + "\n")
+
+
 def write(out: Path) -> None:
     """Every generator fixture into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     for seed, (name, fields) in enumerate(CONFIGS.items()):
         write_model(out, name, fields, seed)
     write_reader_fixture(out)
+    write_release_shapes(out)

@@ -2,6 +2,7 @@
 artifacts, the same samples for the same noise, labels, style labels and alpha, and the import's errors."""
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,12 @@ from drifting_lightning import load_generator
 from drifting_lightning.commands import import_official, sample
 from drifting_lightning.models.dit import DiT
 from drifting_lightning.official.artifact import ArtifactError, read_params
-from drifting_lightning.official.generator import dit_kwargs, import_generator, load_official_generator
+from drifting_lightning.official.generator import (
+    dit_kwargs,
+    import_generator,
+    load_official_generator,
+    parameter_rules,
+)
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "official"
 NAMES = ["latent", "pixel", "plain"]
@@ -66,6 +72,25 @@ def test_config_mapping():
     assert dit_kwargs(released)["preset"] == "L/2"
     plain = dit_kwargs(json.loads((FIXTURES / "gen_plain" / "metadata.json").read_text())["model_config"])
     assert plain["num_style_tokens"] == 0 and plain["num_context_tokens"] == 0
+
+
+RELEASED = json.loads((FIXTURES / "gen_release_shapes.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED))
+def test_rules_cover_their_released_configurations_exactly(name):
+    """Every parameter of their five ImageNet configurations (names and shapes from jax.eval_shape of their module,
+    model_config as their train.py records it) has a rule, with that shape, and nothing else does."""
+    release = RELEASED[name]
+    with torch.device("meta"):
+        model = DiT(**dit_kwargs(release["model_config"]))
+    rules = parameter_rules(model)
+    assert sorted(rules) == sorted(release["shapes"])
+    assert all(list(rules[k].shape) == shape for k, shape in release["shapes"].items())
+    assert sum(p.numel() for p in model.parameters()) == sum(math.prod(s) for s in release["shapes"].values())
+    preset = {"latent_ablation": "B/2", "latent_sota_B": "B/2", "latent_sota_L": "L/2", "pixel_sota_B": "B/16",
+              "pixel_sota_L": "L/16"}[name]  # fmt: skip
+    assert model.config["preset"] == preset
 
 
 def copy_fixture(tmp_path: Path, name: str = "plain") -> Path:
