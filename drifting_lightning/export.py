@@ -212,19 +212,15 @@ def load_generator(path: PathLike, device: str | torch.device = "cpu") -> Genera
 
 def load_generator_weights(generator: nn.Module, path: PathLike) -> None:
     """Copy the weights of an export folder into ``generator`` (same architecture), e.g. to start a run from them."""
-    folder = Path(path)
-    cfg_file = folder / CONFIG_FILE
+    cfg_file = Path(path) / CONFIG_FILE
     if not cfg_file.is_file():
-        raise FileNotFoundError(f"init_from {folder}: no {CONFIG_FILE}, not a generator export (drifting export or "
-                                "drifting import-official writes one)")  # fmt: skip
+        raise FileNotFoundError(f"init_from {path}: no {CONFIG_FILE}, not a generator export folder")
     cfg = json.loads(cfg_file.read_text())
-    state = load_file(str(folder / cfg.get("weights", WEIGHTS_FILE)))
     try:
-        generator.load_state_dict(state, strict=True)
+        generator.load_state_dict(load_file(str(cfg_file.parent / cfg.get("weights", WEIGHTS_FILE))), strict=True)
     except RuntimeError as err:
-        what = " ".join(str(err).split())[:400]
-        raise ValueError(f"init_from {folder}: its weights do not fit this generator ({what}); build the generator "
-                         f"with {cfg.get('class_path')} and {cfg.get('init_args')}") from None  # fmt: skip
+        raise ValueError(f"init_from {path}: its weights do not fit this generator ({' '.join(str(err).split())[:300]}"
+                         f"); build it with {cfg.get('class_path')} and {cfg.get('init_args')}") from None  # fmt: skip
 
 
 # ---- Lightning checkpoints and run configs ---------------------------------------------------------------------
