@@ -34,25 +34,25 @@ ROPE_THETA = 10000.0
 NORM_EPS = 1e-6
 
 
-def _arch(input_size: int, in_channels: int, patch_size: int, hidden_size: int, depth: int, num_heads: int,
-          num_classes: int) -> dict:  # fmt: skip
-    return dict(input_size=input_size, in_channels=in_channels, patch_size=patch_size, hidden_size=hidden_size,
-                depth=depth, num_heads=num_heads, mlp_ratio=4.0, num_classes=num_classes)  # fmt: skip
+def _arch(size: int, channels: int, patch: int, width: int, depth: int, heads: int, classes: int) -> dict:
+    return dict(input_size=size, in_channels=channels, patch_size=patch, hidden_size=width, depth=depth,
+                num_heads=heads, mlp_ratio=4.0, num_classes=classes)  # fmt: skip
 
 
 # Presets by keyword, like DiT's DiT_models. The four ImageNet ones are the authors' configs/gen/*.yaml (with the
 # default 32 x 64 style tokens and 16 context tokens): B/2 132,708,880 parameters, L/2 462,909,456, B/16 133,864,704,
 # L/16 464,450,304, the counts of their flax module.
 DIT_PRESETS: dict[str, dict] = {
-    "B/2": _arch(32, 4, 2, 768, 12, 12, 1000),  # latent_ablation, latent_sota_B: 32x32x4 SD-VAE latents
-    "L/2": _arch(32, 4, 2, 1024, 24, 16, 1000),  # latent_sota_L
-    "B/16": _arch(256, 3, 16, 768, 12, 12, 1000),  # pixel_sota_B: 256x256 pixels
-    "L/16": _arch(256, 3, 16, 1024, 24, 16, 1000),  # pixel_sota_L
+    # latent_ablation, latent_sota_B: 32x32x4 SD-VAE latents
+    "B/2": _arch(size=32, channels=4, patch=2, width=768, depth=12, heads=12, classes=1000),
+    "L/2": _arch(size=32, channels=4, patch=2, width=1024, depth=24, heads=16, classes=1000),  # latent_sota_L
+    "B/16": _arch(size=256, channels=3, patch=16, width=768, depth=12, heads=12, classes=1000),  # pixel_sota_B
+    "L/16": _arch(size=256, channels=3, patch=16, width=1024, depth=24, heads=16, classes=1000),  # pixel_sota_L
     # Small presets for CPU runs and tests.
-    "digits": _arch(8, 1, 2, 128, 4, 2, 10),
-    "fashion": _arch(28, 1, 4, 192, 6, 3, 10),
-    "cifar": _arch(32, 3, 4, 256, 6, 4, 10),
-    "tiny": _arch(32, 4, 2, 64, 2, 2, 10),
+    "digits": _arch(size=8, channels=1, patch=2, width=128, depth=4, heads=2, classes=10),
+    "fashion": _arch(size=28, channels=1, patch=4, width=192, depth=6, heads=3, classes=10),
+    "cifar": _arch(size=32, channels=3, patch=4, width=256, depth=6, heads=4, classes=10),
+    "tiny": _arch(size=32, channels=4, patch=2, width=64, depth=2, heads=2, classes=10),
 }
 _ARCH = tuple(DIT_PRESETS["B/2"])
 
@@ -299,7 +299,7 @@ class DiT(Generator):
         if alpha.dim() > 1 or alpha.numel() not in (1, n):
             raise ValueError(f"alpha must be a scalar or of shape [{n}], got shape {tuple(alpha.shape)}")
         features = sinusoidal_embedding(alpha.expand(n), ALPHA_FREQ_DIM)
-        c = ALPHA_EMBED_SCALE * self.alpha_norm(self.alpha_embed(features))
+        c = ALPHA_EMBED_SCALE * self.alpha_norm(self.alpha_embed(features).float())  # float32 norm under autocast
         if self.class_embed is not None:
             if labels is None or labels.shape != (n,):
                 got = None if labels is None else tuple(labels.shape)
