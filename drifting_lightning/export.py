@@ -191,6 +191,18 @@ def load_generator(path: PathLike, device: str | torch.device = "cpu") -> Genera
     return gen.to(device).eval().requires_grad_(False)
 
 
+def load_generator_weights(generator: nn.Module, path: PathLike) -> None:
+    """Copy the weights of an export folder into ``generator`` (same architecture), e.g. to start a run from them;
+    the folder is verified as ``load_generator`` does."""
+    source = load_generator(path).state_dict()
+    mismatch = describe_mismatch(generator.state_dict(), source, theirs=f"export {path}", ours="this generator")
+    if mismatch:
+        cfg = json.loads((Path(path) / CONFIG_FILE).read_text())
+        raise ValueError(f"init_from {path}: its weights do not fit this generator ({mismatch}); build it with "
+                         f"{cfg.get('class_path')} and {cfg.get('init_args')}")  # fmt: skip
+    generator.load_state_dict(source, strict=True)
+
+
 # ---- checkpoints ----------------------------------------------------------------------------------------------
 def generator_spec(ckpt: Mapping[str, Any], ckpt_path: Path, config: PathLike | None = None) -> dict[str, Any]:
     """{"class_path", "init_args"} of a checkpoint's generator: from its hyper-parameters when they hold it, else

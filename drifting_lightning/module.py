@@ -46,6 +46,8 @@ class DriftingModule(pl.LightningModule):
     compile: parts to ``torch.compile`` (``nn.Module.compile``, in place: checkpoints keep their keys), any of
     "generator", "loss". float32_matmul_precision: ``torch.set_float32_matmul_precision`` for the run; "auto" is
     "high" (TF32) on CUDA and leaves other devices alone. The drift loss always runs at "highest".
+    init_from: an export folder (``drifting export``, ``drifting import-official``) whose weights start the generator
+    and its EMA; the generator's arguments must build the same architecture (its config.json records them).
     """
 
     def __init__(
@@ -66,6 +68,7 @@ class DriftingModule(pl.LightningModule):
         vae_dtype: str = "float32",
         compile: Sequence[Literal["generator", "loss"]] = (),
         float32_matmul_precision: Literal["auto", "highest", "high", "medium"] = "auto",
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         if generated_per_group < 1:
@@ -81,6 +84,10 @@ class DriftingModule(pl.LightningModule):
                 f"float32_matmul_precision must be auto, highest, high or medium, got {float32_matmul_precision!r}"
             )
         self.save_hyperparameters(ignore=["generator", "loss", "encoder", "guidance"])
+        if init_from is not None:
+            from drifting_lightning.export import load_generator_weights
+
+            load_generator_weights(generator, init_from)
         self.generator = generator
         self.ema_generator = copy.deepcopy(generator).requires_grad_(False).eval()
         self.loss = loss if loss is not None else DriftingLoss()

@@ -56,7 +56,8 @@ def sample_images(
             if x.dim() != 4 or x.shape[1] not in (1, 3):
                 raise ValueError(
                     f"the generator makes samples of shape {list(x.shape[1:])}; an ADM .npz needs images [C, H, W] "
-                    "with C = 1 or 3 (a latent model needs its module's decode_samples: sample from the checkpoint)"
+                    "with C = 1 or 3 (a latent model's samples need its VAE: sample from the run's checkpoint, or "
+                    "pass --vae for an export folder)"
                 )
             q = to_uint8(x).cpu().numpy()
             if images is None:
@@ -66,18 +67,27 @@ def sample_images(
     return images, None if labels is None else labels.numpy()
 
 
-def sampler_from(path: str, config: str | None, alpha: float, device: torch.device) -> tuple[SampleFn, int]:
+def sampler_from(
+    path: str, config: str | None, alpha: float, device: torch.device, vae: str | None = None, allow_hub: bool = False
+) -> tuple[SampleFn, int]:
     """(sample function, number of classes) of a ``drifting fit`` checkpoint (its module's EMA generator and
-    ``decode_samples``) or of a ``drifting export`` directory (the generator alone)."""
+    ``decode_samples``) or of a ``drifting export`` directory (the generator alone; its latents decoded by ``vae``,
+    a local diffusers folder or, with ``allow_hub``, a hub id, when given)."""
     from drifting_lightning.checkpoints.reading import is_distributed_checkpoint
     from drifting_lightning.export import load_generator
 
     if Path(path).is_dir() and not is_distributed_checkpoint(path):
         gen = load_generator(path, device)
+        codec = None
+        if vae is not None:
+            from drifting_lightning.data.vae import shared_codec
+
+            codec = shared_codec(vae, allow_hub, device=device)
 
         def from_export(n: int, labels: Tensor | None, noise: torch.Generator) -> Tensor:
             inputs = gen.draw_inputs(n, device=device, generator=noise)
-            return gen(**inputs, labels=labels, alpha=torch.full((n,), alpha, device=device))
+            x = gen(**inputs, labels=labels, alpha=torch.full((n,), alpha, device=device))
+            return x if codec is None else codec.decode(x.float()).clamp(-1.0, 1.0)
 
         return from_export, gen.num_classes
 
@@ -116,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--alpha", type=float, default=1.0, help="guidance scale (1.0 = no guidance)")
     parser.add_argument("--out", required=True, help="output .npz path (written atomically)")
     parser.add_argument("--batch-size", type=int, default=250, help="samples per network evaluation")
+    parser.add_argument("--vae", help="export folders of latent generators: the VAE that decodes their samples, a "
+                        "local diffusers folder (or a hub id with --allow-hub), e.g. stabilityai/sd-vae-ft-mse")
+    parser.add_argument("--allow-hub", action="store_true", help="let --vae name a Hugging Face hub id (downloads)")
     parser.add_argument("--png-dir", help="also write every sample as a PNG into this folder")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (same seed + batch size = same samples)")
     parser.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, ...")
@@ -133,7 +146,7 @@ def _run(args: argparse.Namespace) -> int:
             f"--ckpt {args.ckpt} does not exist (drifting fit writes runs/<name>/version_<k>/checkpoints/*.ckpt)"
         )
     device = resolve_device(args.device)
-    sample_fn, num_classes = sampler_from(args.ckpt, args.config, args.alpha, device)
+    sample_fn, num_classes = sampler_from(args.ckpt, args.config, args.alpha, device, args.vae, args.allow_hub)
     images, labels = sample_images(
         sample_fn, args.num, num_classes, args.batch_size, args.seed, device, progress=not args.no_progress
     )

@@ -1,22 +1,26 @@
-"""DiT-style one-step generator (PAPER.md section 7; paper A.2, Table 8).
+"""The authors' one-step DiT generator (their ``models/generator.py``: ``DitGen`` around ``LightningDiT``).
 
-A transformer over noise patches with SwiGLU MLPs, 2-D axial RoPE, RMSNorm, QK-norm, adaLN-zero modulation from
-one condition vector and a zero-initialised output layer, so an untrained generator outputs exactly 0.
-
-Condition vector c [B, D] = class embedding + guidance-scale embedding + style embedding:
-- class: one learned vector per label (``num_classes = 0``: unconditional, no class table, labels ignored);
-- guidance scale alpha: sinusoidal features of ``ALPHA_SCALE * alpha`` -> MLP (PAPER.md 5); alpha None means 1.0;
-- style: ``num_style_tokens`` random indices, token t into its own ``style_codebook_size``-entry learned codebook;
-  the picked embeddings are summed (PAPER.md 7). Style None means index 0 in every codebook.
-``num_context_tokens`` in-context tokens (one projection of c, shared, plus a learned vector per token) are prepended
-to the patch tokens and dropped at the output. RoPE rotates patch tokens by their (row, column) on the patch grid;
-context tokens get no rotation, i.e. the rotation of position (0, 0): their learned vectors tell them apart.
+A transformer over noise patches (PAPER.md section 7; paper A.2, Table 8), layer for layer the released network, so
+that their ImageNet weights load (``drifting import-official``) and new runs train the paper's architecture:
+- condition c [B, cond_dim] = class embedding + style embedding + 0.02 * RMSNorm(MLP(sinusoid(alpha, 256))), the
+  guidance scale alpha entering raw (alpha None means 1.0). Style: ``num_style_tokens`` indices, token t into its
+  own ``style_codebook_size``-entry table, the picked rows summed (their ``noise_embeds_t``); style None means
+  index 0 everywhere. ``num_classes = 0``: no class table, labels ignored.
+- patch tokens: (p, p, C)-flattened patches -> linear, plus a learnable position embedding initialised 2-D sin-cos;
+  ``num_context_tokens`` in-context tokens (one projection of c plus a learned vector each) go in front;
+- blocks: RMSNorm (eps 1e-6, learnable weight) + adaLN-zero modulation from c, attention with RMSNorm QK-norm and
+  1-D rotate-half RoPE over the whole sequence (context tokens at positions 0..k-1), SwiGLU MLP with biases and a
+  hidden width rounded up to a multiple of 32;
+- output: adaLN-modulated RMSNorm, a zero-initialised linear to patch pixels, context tokens dropped.
+Shapes are ours (noise and samples [B, C, H, W]); theirs are [B, H, W, C]: the same values, transposed. We compute
+in float32 (their released runs use bfloat16 activations).
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -24,36 +28,38 @@ from torch.utils.checkpoint import checkpoint
 
 from drifting_lightning.models.base import Generator
 
-ALPHA_SCALE = 1000.0  # alpha in [1, 4] -> sinusoid argument in [1e3, 4e3], like DiT's timestep t in [0, 1000)
 ALPHA_FREQ_DIM = 256
+ALPHA_EMBED_SCALE = 0.02  # their `cond + cfg_norm(cfg_embedder(alpha)) * 0.02`
 ROPE_THETA = 10000.0
-
-_ARCH = ("input_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio", "num_classes")
-
-
-def _preset(*values: float) -> dict:
-    return dict(zip(_ARCH, values, strict=True))
+NORM_EPS = 1e-6
 
 
-# Architecture presets, like DiT's DiT_models. Parameter counts with the default style/context settings:
-# B/2 132.5M, L/2 461.4M (paper: 133M, 463M), B/16 133.6M, L/16 463.0M.
-# Columns follow _ARCH: input_size, in_channels, patch_size, hidden_size, depth, num_heads, mlp_ratio, num_classes.
+def _arch(size: int, channels: int, patch: int, width: int, depth: int, heads: int, classes: int) -> dict:
+    return dict(input_size=size, in_channels=channels, patch_size=patch, hidden_size=width, depth=depth,
+                num_heads=heads, mlp_ratio=4.0, num_classes=classes)  # fmt: skip
+
+
+# Presets by keyword, like DiT's DiT_models. The four ImageNet ones are the authors' configs/gen/*.yaml (with the
+# default 32 x 64 style tokens and 16 context tokens): B/2 132,708,880 parameters, L/2 462,909,456, B/16 133,864,704,
+# L/16 464,450,304, the counts of their flax module.
 DIT_PRESETS: dict[str, dict] = {
-    "B/2": _preset(32, 4, 2, 768, 12, 12, 4.0, 1000),  # ImageNet SD-VAE latents
-    "L/2": _preset(32, 4, 2, 1024, 24, 16, 4.0, 1000),
-    "B/16": _preset(256, 3, 16, 768, 12, 12, 4.0, 1000),  # ImageNet pixels
-    "L/16": _preset(256, 3, 16, 1024, 24, 16, 4.0, 1000),
+    # latent_ablation, latent_sota_B: 32x32x4 SD-VAE latents
+    "B/2": _arch(size=32, channels=4, patch=2, width=768, depth=12, heads=12, classes=1000),
+    "L/2": _arch(size=32, channels=4, patch=2, width=1024, depth=24, heads=16, classes=1000),  # latent_sota_L
+    "B/16": _arch(size=256, channels=3, patch=16, width=768, depth=12, heads=12, classes=1000),  # pixel_sota_B
+    "L/16": _arch(size=256, channels=3, patch=16, width=1024, depth=24, heads=16, classes=1000),  # pixel_sota_L
     # Small presets for CPU runs and tests.
-    "digits": _preset(8, 1, 2, 128, 4, 2, 4.0, 10),
-    "fashion": _preset(28, 1, 4, 192, 6, 3, 4.0, 10),
-    "cifar": _preset(32, 3, 4, 256, 6, 4, 4.0, 10),
-    "tiny": _preset(32, 4, 2, 64, 2, 2, 4.0, 10),
+    "digits": _arch(size=8, channels=1, patch=2, width=128, depth=4, heads=2, classes=10),
+    "fashion": _arch(size=28, channels=1, patch=4, width=192, depth=6, heads=3, classes=10),
+    "cifar": _arch(size=32, channels=3, patch=4, width=256, depth=6, heads=4, classes=10),
+    "tiny": _arch(size=32, channels=4, patch=2, width=64, depth=2, heads=2, classes=10),
 }
+_ARCH = tuple(DIT_PRESETS["B/2"])
 
 
 def swiglu_hidden_size(hidden_size: int, mlp_ratio: float) -> int:
-    """SwiGLU width with the parameters of a GELU MLP of ratio ``mlp_ratio``: 2/3 * ratio * D, up to a multiple of 8."""
-    return (int(2 * mlp_ratio * hidden_size / 3) + 7) // 8 * 8
+    """Their SwiGLU width: int(2/3 * int(ratio * D)), rounded up to a multiple of 32 (B: 2048, L: 2752)."""
+    return (int(2 / 3 * int(hidden_size * mlp_ratio)) + 31) // 32 * 32
 
 
 def sinusoidal_embedding(x: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -64,25 +70,32 @@ def sinusoidal_embedding(x: Tensor, dim: int, max_period: float = 10000.0) -> Te
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-def rope_2d(grid: int, head_dim: int, num_prefix: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Axial RoPE angles for ``num_prefix`` unrotated tokens then a grid x grid patch grid (row-major).
+def sincos_pos_embed_2d(dim: int, grid: int) -> Tensor:
+    """[grid * grid, dim] float32, tokens row-major: sin-cos of the column index in the first half of the features,
+    of the row index in the second (MAE's ``get_2d_sincos_pos_embed``, which their generator uses)."""
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
+    rows, cols = np.meshgrid(np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32), indexing="ij")
 
-    Returns cos, sin: [num_prefix + grid^2, head_dim // 2] float32. The first half of the rotated pairs follow the
-    row index, the second half the column index.
-    """
-    quarter = head_dim // 4
-    freqs = ROPE_THETA ** (-torch.arange(quarter, device=device, dtype=torch.float32) / quarter)
-    pos = torch.arange(grid, device=device, dtype=torch.float32)
-    rows, cols = torch.meshgrid(pos, pos, indexing="ij")
-    angles = torch.cat([rows.reshape(-1, 1) * freqs, cols.reshape(-1, 1) * freqs], dim=-1)
-    angles = torch.cat([angles.new_zeros(num_prefix, 2 * quarter), angles], dim=0)
+    def embed(pos: np.ndarray) -> np.ndarray:
+        out = np.outer(pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    return torch.from_numpy(np.concatenate([embed(cols), embed(rows)], axis=1)).float()
+
+
+def rope_1d(length: int, head_dim: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Rotate-half RoPE tables for positions 0..length-1: cos, sin [length, head_dim] float32."""
+    half = head_dim // 2
+    freqs = 1.0 / ROPE_THETA ** (torch.arange(half, device=device, dtype=torch.float32) / half)
+    angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), freqs)
+    angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: [B, H, T, hd]; cos, sin: [T, hd // 2]. Rotates the pairs (x[2i], x[2i+1])."""
-    x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
+    """x: [B, H, T, hd]; cos, sin: [T, hd] -> x * cos + rotate_half(x) * sin, rotate_half(a, b) = (-b, a)."""
+    a, b = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-b, a], dim=-1) * sin
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -90,15 +103,19 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale[:, None]) + shift[:, None]
 
 
+def rms_norm(dim: int) -> nn.RMSNorm:
+    return nn.RMSNorm(dim, eps=NORM_EPS)
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention with QK-norm (RMSNorm per head) and RoPE, via ``F.scaled_dot_product_attention``."""
+    """Multi-head self-attention: fused qkv, RMSNorm QK-norm per head, RoPE, scale head_dim^-1/2, output linear."""
 
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
-        self.q_norm = nn.RMSNorm(dim // num_heads, eps=1e-6)
-        self.k_norm = nn.RMSNorm(dim // num_heads, eps=1e-6)
+        self.q_norm = rms_norm(dim // num_heads)
+        self.k_norm = rms_norm(dim // num_heads)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -110,28 +127,28 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """w3(silu(w1 x) * w2 x)."""
+    """w2(silu(w1 x) * w3 x), every linear with a bias."""
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.w12 = nn.Linear(dim, 2 * hidden)
-        self.w3 = nn.Linear(hidden, dim)
+        self.w1 = nn.Linear(dim, hidden)
+        self.w3 = nn.Linear(dim, hidden)
+        self.w2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        a, b = self.w12(x).chunk(2, dim=-1)
-        return self.w3(F.silu(a) * b)
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class DiTBlock(nn.Module):
     """Pre-norm transformer block with adaLN-zero: shift, scale and gate of both branches come from c."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_hidden: int) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, cond_dim: int) -> None:
         super().__init__()
-        self.norm1 = nn.RMSNorm(dim, eps=1e-6, elementwise_affine=False)
+        self.norm1 = rms_norm(dim)
         self.attn = Attention(dim, num_heads)
-        self.norm2 = nn.RMSNorm(dim, eps=1e-6, elementwise_affine=False)
+        self.norm2 = rms_norm(dim)
         self.mlp = SwiGLU(dim, mlp_hidden)
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * dim))
 
     def forward(self, x: Tensor, c: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=-1)
@@ -140,12 +157,12 @@ class DiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """adaLN-modulated RMSNorm then a linear map to patch pixels; both linears zero-initialised."""
+    """adaLN-modulated RMSNorm then a linear map to (p, p, C)-ordered patch pixels."""
 
-    def __init__(self, dim: int, out_dim: int) -> None:
+    def __init__(self, dim: int, out_dim: int, cond_dim: int) -> None:
         super().__init__()
-        self.norm = nn.RMSNorm(dim, eps=1e-6, elementwise_affine=False)
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.norm = rms_norm(dim)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * dim))
         self.linear = nn.Linear(dim, out_dim)
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
@@ -154,17 +171,16 @@ class FinalLayer(nn.Module):
 
 
 class DiT(Generator):
-    """DiT-style one-step generator: noise [B, C, H, W] (+ labels, alpha, style) -> sample [B, C, H, W].
+    """The authors' generator: noise [B, C, H, W] (+ labels, alpha, style) -> sample [B, C, H, W].
 
     Argument rule: ``preset`` (a key of ``DIT_PRESETS``, default "B/2") gives every architecture argument
-    (input_size ... mlp_ratio, num_classes); each of those passed explicitly (not None) overrides the preset.
-    So ``DiT("tiny", num_classes=0)`` is the unconditional tiny model. ``mlp_ratio`` sizes the SwiGLU hidden layer
-    to match a GELU MLP of that ratio (``swiglu_hidden_size``). The resolved arguments are in ``self.config``.
+    (input_size ... num_classes); each of those passed explicitly (not None) overrides the preset, so
+    ``DiT("tiny", num_classes=0)`` is the unconditional tiny model. ``cond_dim`` (None: hidden_size) is the width of
+    the condition vector. The resolved arguments are in ``self.config``.
 
-    With the defaults (32 style tokens x 64 entries, 16 context tokens) B/2 has 132.5M parameters and L/2 461.4M
-    (paper: 133M, 463M). ``gradient_checkpointing`` recomputes each block in the backward pass while training.
-    ``init_output_std``: 0 is DiT's zero-initialised output layer (every sample starts at exactly 0, whatever the
-    noise); s > 0 draws the output layer so that initial samples have std about s and already depend on the noise.
+    ``gradient_checkpointing`` recomputes each block in the backward pass while training. ``init_output_std``: 0 is
+    the authors' zero-initialised output layer (every sample starts at exactly 0, whatever the noise); s > 0 draws
+    the output layer so that initial samples have std about s and already depend on the noise.
     """
 
     def __init__(
@@ -178,6 +194,7 @@ class DiT(Generator):
         num_heads: int | None = None,
         mlp_ratio: float | None = None,
         num_classes: int | None = None,
+        cond_dim: int | None = None,
         num_style_tokens: int = 32,
         style_codebook_size: int = 64,
         num_context_tokens: int = 16,
@@ -191,25 +208,25 @@ class DiT(Generator):
             raise ValueError(f"unknown DiT preset {preset!r}; valid presets: {', '.join(DIT_PRESETS)}")
         given = (input_size, in_channels, patch_size, hidden_size, depth, num_heads, mlp_ratio, num_classes)
         cfg = {**DIT_PRESETS[preset], **{k: v for k, v in zip(_ARCH, given, strict=True) if v is not None}}
-        size, chans, p, dim, heads = (
-            cfg[k] for k in ("input_size", "in_channels", "patch_size", "hidden_size", "num_heads")
-        )
+        size, chans, p, dim, heads = (cfg[k] for k in ("input_size", "in_channels", "patch_size", "hidden_size",
+                                                       "num_heads"))  # fmt: skip
+        cond_dim = dim if cond_dim is None else cond_dim
         if size % p != 0:
             raise ValueError(f"input_size={size} is not divisible by patch_size={p}")
-        if dim % heads != 0 or (dim // heads) % 4 != 0:
+        if dim % heads != 0 or (dim // heads) % 2 != 0:
             raise ValueError(
-                f"hidden_size={dim} / num_heads={heads} must be an integer head size divisible by 4 "
-                "(2-D RoPE rotates pairs along two axes)"
+                f"hidden_size={dim} / num_heads={heads} must be an even integer head size (RoPE rotates halves)"
             )
-        if min(num_style_tokens, num_context_tokens, cfg["num_classes"]) < 0 or style_codebook_size < 1:
+        if min(num_style_tokens, num_context_tokens, cfg["num_classes"]) < 0 or min(style_codebook_size, cond_dim) < 1:
             raise ValueError(
-                "num_classes, num_style_tokens, num_context_tokens must be >= 0 and "
-                f"style_codebook_size >= 1, got {cfg['num_classes']}, {num_style_tokens}, "
-                f"{num_context_tokens}, {style_codebook_size}"
+                "num_classes, num_style_tokens, num_context_tokens must be >= 0 and style_codebook_size, cond_dim "
+                f">= 1, got {cfg['num_classes']}, {num_style_tokens}, {num_context_tokens}, {style_codebook_size}, "
+                f"{cond_dim}"
             )
         self.config = dict(
             preset=preset,
             **cfg,
+            cond_dim=cond_dim,
             num_style_tokens=num_style_tokens,
             style_codebook_size=style_codebook_size,
             num_context_tokens=num_context_tokens,
@@ -221,36 +238,40 @@ class DiT(Generator):
         self.gradient_checkpointing = gradient_checkpointing
         self.init_output_std = init_output_std
 
-        self.patch_embed = nn.Conv2d(chans, dim, kernel_size=p, stride=p)
-        self.class_embed = nn.Embedding(self.num_classes, dim) if self.num_classes > 0 else None
-        self.alpha_embed = nn.Sequential(nn.Linear(ALPHA_FREQ_DIM, dim), nn.SiLU(), nn.Linear(dim, dim))
-        # Style codebooks, flattened: token t, entry j -> row t * style_codebook_size + j.
-        self.style_embed = nn.Embedding(num_style_tokens * style_codebook_size, dim) if num_style_tokens else None
-        self.context_proj = nn.Linear(dim, dim) if num_context_tokens else None
-        self.context_tokens = nn.Parameter(torch.zeros(num_context_tokens, dim)) if num_context_tokens else None
+        self.class_embed = nn.Embedding(self.num_classes, cond_dim) if self.num_classes > 0 else None
+        # Style tables, flattened: token t, entry j -> row t * style_codebook_size + j.
+        self.style_embed = nn.Embedding(num_style_tokens * style_codebook_size, cond_dim) if num_style_tokens else None
+        self.alpha_embed = nn.Sequential(nn.Linear(ALPHA_FREQ_DIM, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+        self.alpha_norm = rms_norm(cond_dim)
+        self.patch_embed = nn.Linear(p * p * chans, dim)
+        self.pos_embed = nn.Parameter(torch.empty(self.grid**2, dim))
+        self.context_proj = nn.Linear(cond_dim, dim) if num_context_tokens else None
+        self.context_tokens = nn.Parameter(torch.empty(num_context_tokens, dim)) if num_context_tokens else None
         hidden = swiglu_hidden_size(dim, cfg["mlp_ratio"])
-        self.blocks = nn.ModuleList(DiTBlock(dim, heads, hidden) for _ in range(cfg["depth"]))
-        self.final = FinalLayer(dim, p * p * chans)
+        self.blocks = nn.ModuleList(DiTBlock(dim, heads, hidden, cond_dim) for _ in range(cfg["depth"]))
+        self.final = FinalLayer(dim, p * p * chans, cond_dim)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """DiT initialisation: Xavier linears, N(0, 0.02) embeddings, zero adaLN and output layers (adaLN-zero)."""
+        """Their initialisation: Xavier-uniform linears with zero biases, N(0, 0.02) embeddings, context vectors and
+        alpha-MLP weights, unit norm weights, 2-D sin-cos positions, zero adaLN and output layers (adaLN-zero)."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-        nn.init.xavier_uniform_(self.patch_embed.weight.view(self.patch_embed.weight.shape[0], -1))
-        nn.init.zeros_(self.patch_embed.bias)
-        for emb in (self.class_embed, self.style_embed):
-            if emb is not None:
-                nn.init.normal_(emb.weight, std=0.02)
+            elif isinstance(m, nn.RMSNorm):
+                nn.init.ones_(m.weight)
+        for p in (self.class_embed, self.style_embed, self.alpha_embed[0], self.alpha_embed[2]):
+            if p is not None:
+                nn.init.normal_(p.weight, std=0.02)
         if self.context_tokens is not None:
             nn.init.normal_(self.context_tokens, std=0.02)
-        for layer in (self.alpha_embed[0], self.alpha_embed[2]):
-            nn.init.normal_(layer.weight, std=0.02)
-        for ada in [b.ada[-1] for b in self.blocks] + [self.final.ada[-1], self.final.linear]:
-            nn.init.zeros_(ada.weight)
-            nn.init.zeros_(ada.bias)
+        if self.pos_embed.device.type != "meta":
+            with torch.no_grad():
+                self.pos_embed.copy_(sincos_pos_embed_2d(self.pos_embed.shape[1], self.grid))
+        for layer in [b.ada[-1] for b in self.blocks] + [self.final.ada[-1], self.final.linear]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
         if self.init_output_std > 0:
             # The final norm gives unit-RMS features, so a weight std of s / sqrt(D) gives outputs of std about s.
             nn.init.normal_(self.final.linear.weight, std=self.init_output_std / self.final.linear.in_features**0.5)
@@ -273,11 +294,12 @@ class DiT(Generator):
     def condition(
         self, n: int, labels: Tensor | None, alpha: Tensor | float | None, style: Tensor | None, device: torch.device
     ) -> Tensor:
-        """The condition vector c: [n, D] = class + alpha + style embeddings (see the module docstring)."""
+        """The condition vector c: [n, cond_dim] = class + style + alpha embeddings (see the module docstring)."""
         alpha = torch.as_tensor(1.0 if alpha is None else alpha, dtype=torch.float32, device=device)
         if alpha.dim() > 1 or alpha.numel() not in (1, n):
             raise ValueError(f"alpha must be a scalar or of shape [{n}], got shape {tuple(alpha.shape)}")
-        c = self.alpha_embed(sinusoidal_embedding(alpha.expand(n) * ALPHA_SCALE, ALPHA_FREQ_DIM))
+        features = sinusoidal_embedding(alpha.expand(n), ALPHA_FREQ_DIM)
+        c = ALPHA_EMBED_SCALE * self.alpha_norm(self.alpha_embed(features).float())  # float32 norm under autocast
         if self.class_embed is not None:
             if labels is None or labels.shape != (n,):
                 got = None if labels is None else tuple(labels.shape)
@@ -310,11 +332,12 @@ class DiT(Generator):
             )
         n, p, g = noise.shape[0], self.patch_size, self.grid
         c = self.condition(n, labels, alpha, style, noise.device)
-        x = self.patch_embed(noise).flatten(2).transpose(1, 2)  # [B, g*g, D]
+        patches = noise.reshape(n, -1, g, p, g, p).permute(0, 2, 4, 3, 5, 1).reshape(n, g * g, -1)  # (p, p, C) order
+        x = self.patch_embed(patches) + self.pos_embed
         k = 0 if self.context_tokens is None else self.context_tokens.shape[0]
         if k:
-            x = torch.cat([self.context_proj(c)[:, None] + self.context_tokens, x], dim=1)  # [B, k + g*g, D]
-        cos, sin = rope_2d(g, x.shape[-1] // self.num_heads, k, noise.device)
+            x = torch.cat([(self.context_proj(c)[:, None] + self.context_tokens).to(x.dtype), x], dim=1)
+        cos, sin = rope_1d(x.shape[1], x.shape[-1] // self.num_heads, noise.device)
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, c, cos, sin, use_reentrant=False)

@@ -38,8 +38,8 @@ COVERED_ELSEWHERE = {
     "configs/classifier/fashion_mnist.yaml": "tests/integration/test_classifier_config.py",
     "configs/fashion_mnist.yaml": "tests/integration/test_fashion_configs.py",
     "configs/fashion_mnist_mae.yaml": "tests/integration/test_fashion_configs.py",
-    "configs/imagenet.yaml": "tests/integration/test_imagenet_config.py",
-    "configs/imagenet_pixel.yaml": "tests/integration/test_imagenet_config.py",
+    **{f"configs/imagenet{name}.yaml": "tests/integration/test_imagenet_config.py"
+       for name in ("", "_sota_B", "_sota_L", "_pixel_B", "_pixel_L")},
     "configs/mae/imagenet_latent.yaml": "tests/integration/test_imagenet_config.py",
     "configs/mae/imagenet_latent_w640.yaml": "tests/integration/test_imagenet_config.py",
 }

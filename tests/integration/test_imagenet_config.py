@@ -1,5 +1,6 @@
-"""configs/imagenet.yaml (latents), configs/imagenet_pixel.yaml and the latent-MAE configs (configs/mae/
-imagenet_latent*.yaml) through the CLI, a few CPU steps at tiny size.
+"""The authors' ImageNet recipes (configs/imagenet.yaml, imagenet_sota_{B,L}.yaml on latents, imagenet_pixel_{B,L}.yaml
+on pixels) and the latent-MAE configs (configs/mae/imagenet_latent*.yaml) through the CLI, a few CPU steps at tiny
+size, and their hyper-parameters against the authors' configs/gen/*.yaml.
 
 The latent run starts from an image folder and no cache: prepare_data encodes it with a tiny VAE, then the tiny DiT
 trains on the latents. The overrides go in a second --config file (a YAML ``null`` reaches the encoder's
@@ -22,7 +23,40 @@ from tests.unit.test_inception_path import random_weights  # noqa: F401  (a fixt
 from tests.unit.test_vae_latents import make_image_folder, make_tiny_vae
 
 TINY_GROUPS = {"positives": {"init_args": {"classes_per_step": 2, "positives_per_class": 4,
-                                           "unconditional_per_class": 2}}}  # fmt: skip
+                                           "unconditional_per_class": 2, "queue_size": 4,
+                                           "unconditional_queue_size": 8, "push_per_step": 4}}}  # fmt: skip
+SWEEP = [1.0, 1.1, 1.2, 1.4, 1.6, 1.8, 2.0, 2.5, 3.0, 3.5]
+# The authors' configs/gen/<name>.yaml, as our keys: preset, lr, weight decay, warmup, steps, N_c, N_pos, N_unc,
+# alpha power k, P(alpha = 1), push per step, their eval alpha sweep.
+RECIPES = {
+    "imagenet.yaml": ("B/2", 2e-4, 0.01, 5000, 30000, 64, 64, 16, 3.0, 0.0, 64, [1.0, 1.5, 2.0, 2.5, 3.0, 3.5]),
+    "imagenet_sota_B.yaml": ("B/2", 4e-4, 0.0, 10000, 200000, 128, 64, 32, 5.0, 0.0, 128, SWEEP),
+    "imagenet_sota_L.yaml": ("L/2", 4e-4, 0.01, 10000, 200000, 128, 64, 32, 3.0, 0.5, 64, SWEEP),
+    "imagenet_pixel_B.yaml": ("B/16", 2e-4, 0.01, 10000, 100000, 128, 128, 32, 5.0, 0.0, 128, SWEEP),
+    "imagenet_pixel_L.yaml": ("L/16", 4e-4, 0.01, 10000, 100000, 128, 128, 32, 5.0, 0.0, 128, SWEEP),
+}
+
+
+@pytest.mark.parametrize("config", sorted(RECIPES))
+def test_recipes_hold_the_authors_hyper_parameters(config: str):
+    preset, lr, wd, warmup, steps, nc, npos, nunc, power, p1, push, sweep = RECIPES[config]
+    cfg = yaml.safe_load((REPO / "configs" / config).read_text())
+    model, data = cfg["model"]["init_args"], cfg["data"]["init_args"]
+    assert model["generator"]["init_args"]["preset"] == preset
+    assert (model["lr"], model["weight_decay"], model["warmup_steps"]) == (lr, wd, warmup)
+    assert (model["betas"], model["ema_decay"], model["generated_per_group"]) == ([0.9, 0.95], 0.999, 64)
+    assert (cfg["trainer"]["max_steps"], cfg["trainer"]["gradient_clip_val"]) == (steps, 2.0)
+    assert model["guidance"]["init_args"] == {"power": power, "alpha_min": 1.0, "alpha_max": 4.0, "p_unguided": p1}
+    assert model["loss"]["init_args"] == {"temperatures": [0.02, 0.05, 0.2], "distributed_statistics": True}
+    positives = data["positives"]["init_args"]
+    assert data["positives"]["class_path"].endswith("ClassQueue")
+    assert (positives["classes_per_step"], positives["positives_per_class"]) == (nc, npos)
+    assert (positives["unconditional_per_class"], positives["push_per_step"]) == (nunc, push)
+    assert (positives["queue_size"], positives["unconditional_queue_size"]) == (128, 1000)
+    frechet = next(c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("FrechetCallback"))
+    assert frechet["init_args"]["alphas"] == sweep and frechet["init_args"]["num_samples"] == 50000
+    if "pixel" not in config:
+        assert model["vae"] == data["vae"] == "vae/sd-vae-ft-mse"
 
 
 def trainer_overrides(tmp_path: Path) -> dict:
@@ -46,21 +80,26 @@ def fit(config: str, overrides: dict, tmp_path: Path) -> Path:
 
 
 def small_callbacks(config: str, inception_weights: Path) -> list[dict]:
-    """The config's own callbacks at test size: the Inception FID on 8 samples with random weights."""
+    """The config's own callbacks at test size: the Inception FID on 8 samples with random weights, at the first two
+    alphas of the config's sweep (each alpha costs a decode and an Inception pass on the CPU)."""
     callbacks = yaml.safe_load((REPO / "configs" / config).read_text())["trainer"]["callbacks"]
     frechet = next(c for c in callbacks if c["class_path"].endswith("FrechetCallback"))
-    frechet["init_args"].update(num_samples=8, num_reference=8, batch_size=4, weights=str(inception_weights))
+    frechet["init_args"].update(num_samples=8, num_reference=8, batch_size=4, weights=str(inception_weights),
+                                alphas=frechet["init_args"]["alphas"][:2])  # fmt: skip
     return callbacks
 
 
-def test_imagenet_latent_config_encodes_then_trains(tmp_path: Path, random_weights: Path):  # noqa: F811
+# The sota recipes differ from imagenet.yaml only in values (checked above), so their runs are slow-marked.
+@pytest.mark.parametrize("config", ["imagenet.yaml", *(pytest.param(c, marks=pytest.mark.slow)
+                                                       for c in ("imagenet_sota_B.yaml", "imagenet_sota_L.yaml"))])
+def test_imagenet_latent_config_encodes_then_trains(config: str, tmp_path: Path, random_weights: Path):  # noqa: F811
     vae = make_tiny_vae(tmp_path / "vae")
     images = make_image_folder(tmp_path / "images")
     cache = tmp_path / "latents"
     run = fit(
-        "imagenet.yaml",
+        config,
         {
-            "trainer": {**trainer_overrides(tmp_path), "callbacks": small_callbacks("imagenet.yaml", random_weights)},
+            "trainer": {**trainer_overrides(tmp_path), "callbacks": small_callbacks(config, random_weights)},
             "model": {"init_args": {
                 "generator": {"init_args": {"preset": "tiny"}},
                 "encoder": {"init_args": {"width": 8, "checkpoint": None}},
@@ -80,8 +119,7 @@ def test_imagenet_latent_config_encodes_then_trains(tmp_path: Path, random_weigh
 
     saved = yaml.safe_load((run / "config.yaml").read_text())
     model = saved["model"]["init_args"]
-    assert model["generator"]["init_args"]["preset"] == "tiny" and model["lr"] == 2e-4
-    assert model["weight_decay"] == 0.01 and model["warmup_steps"] == 5000 and model["ema_decay"] == 0.999
+    assert model["generator"]["init_args"]["preset"] == "tiny" and model["lr"] == RECIPES[config][1]
     assert saved["trainer"]["gradient_clip_val"] == 2.0
     assert saved["data"]["class_path"] == "drifting_lightning.data.latents.LatentDataModule"
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
@@ -93,15 +131,16 @@ def test_imagenet_latent_config_encodes_then_trains(tmp_path: Path, random_weigh
     grid = Image.open(run / "grid_final_alpha1.0.png")
     assert grid.mode == "RGB" and grid.size[0] > 8 * 64
     fid = json.loads((run / "fd_inception.json").read_text())
-    assert fid["num_samples"] == 8 and fid["alphas"] == [1.0, 1.1, 1.5]
+    assert fid["num_samples"] == 8 and fid["alphas"] == RECIPES[config][-1][:2]
     values = fid["history"][-1]
     assert values["step"] == 2 and all(v > 0 for k, v in values.items() if k != "step")
 
 
-def test_imagenet_pixel_config_trains(tmp_path: Path):
+@pytest.mark.parametrize("config", ["imagenet_pixel_B.yaml", "imagenet_pixel_L.yaml"])
+def test_imagenet_pixel_config_trains(config: str, tmp_path: Path):
     images = make_image_folder(tmp_path / "images")
     run = fit(
-        "imagenet_pixel.yaml",
+        config,
         {
             "trainer": trainer_overrides(tmp_path),
             "model": {"init_args": {

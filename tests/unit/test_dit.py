@@ -1,9 +1,10 @@
-"""DiT generator: shapes, zero init, conditioning, presets and parameter counts, gradients, errors, random inputs."""
+"""DiT generator: shapes, zero init, conditioning, presets and parameter counts, gradients, errors, random inputs.
+Its agreement with the authors' JAX module is tested in test_official_generator.py."""
 
 import pytest
 import torch
 
-from drifting_lightning.models.dit import DIT_PRESETS, DiT, apply_rope, rope_2d
+from drifting_lightning.models.dit import DIT_PRESETS, DiT, apply_rope, rope_1d, swiglu_hidden_size
 
 SMALL = ["digits", "fashion", "cifar", "tiny"]
 FAST = {"preset": "tiny", "input_size": 8}  # 16 patch tokens: quick on CPU
@@ -70,19 +71,23 @@ def test_conditioning_changes_output_and_is_deterministic():
     assert torch.equal(model(inputs["noise"], labels, alpha=1.0, style=zero_style), ref)
 
 
-@pytest.mark.parametrize("preset, target", [("B/2", 133e6), ("L/2", 463e6)])
-def test_paper_parameter_counts(preset, target):
-    with torch.device("meta"):
-        model = DiT(preset)
-    assert abs(n_params(model) - target) / target < 0.03, n_params(model)
+# Counted from the authors' flax DitGen with their configs/gen/*.yaml and num_classes 1000 (jax.eval_shape).
+OFFICIAL_COUNTS = {"B/2": 132_708_880, "L/2": 462_909_456, "B/16": 133_864_704, "L/16": 464_450_304}
 
 
-@pytest.mark.parametrize("preset", ["B/16", "L/16"])
-def test_pixel_presets_construct_on_meta(preset):
+@pytest.mark.parametrize("preset", list(OFFICIAL_COUNTS))
+def test_parameter_counts_equal_the_authors(preset):
     with torch.device("meta"):
         model = DiT(preset)
-    assert model.sample_shape == (3, 256, 256) and model.grid == 16
-    assert 120e6 < n_params(model) < 500e6
+    assert n_params(model) == OFFICIAL_COUNTS[preset]
+    patch_tokens = 256
+    assert model.sample_shape == ((4, 32, 32) if preset.endswith("/2") else (3, 256, 256))
+    assert model.pos_embed.shape[0] == patch_tokens and model.context_tokens.shape[0] == 16
+
+
+def test_swiglu_width_is_theirs():
+    assert swiglu_hidden_size(768, 4.0) == 2048 and swiglu_hidden_size(1024, 4.0) == 2752  # 2730 rounded up to 32
+    assert DiT("tiny").blocks[0].mlp.w1.out_features == 192  # int(2/3 * 256) = 170 -> 192
 
 
 def test_explicit_arguments_override_preset():
@@ -152,23 +157,24 @@ def test_patch_layout_is_spatially_consistent():
 
 
 def test_rope_depends_on_relative_position_only():
-    hd, grid, prefix = 16, 4, 2
-    cos, sin = rope_2d(grid, hd, prefix, torch.device("cpu"))
-    q, k = torch.randn(2, hd, dtype=torch.float64).float()
+    hd, length = 16, 12
+    cos, sin = rope_1d(length, hd, torch.device("cpu"))
+    q, k = torch.randn(2, hd, generator=torch.Generator().manual_seed(0))
 
-    def score(i, j):  # token i attends token j; patch (r, c) is token prefix + r * grid + c
+    def score(i, j):  # token i attends token j
         t = torch.stack([q, k])[None, None]  # [1, 1, 2, hd]
         idx = torch.tensor([i, j])
         rq, rk = apply_rope(t, cos[idx], sin[idx])[0, 0]
         return (rq * rk).sum()
 
-    def tok(r, c):
-        return prefix + r * grid + c
-
-    torch.testing.assert_close(score(tok(0, 1), tok(2, 0)), score(tok(1, 2), tok(3, 1)))
-    row, col, same = score(tok(0, 0), tok(1, 0)), score(tok(0, 0), tok(0, 1)), score(tok(0, 0), tok(0, 0))
-    assert not torch.allclose(row, same) and not torch.allclose(col, same) and not torch.allclose(row, col)
-    torch.testing.assert_close(score(0, 1), (q * k).sum())  # context tokens: no rotation
+    torch.testing.assert_close(score(1, 4), score(7, 10))
+    torch.testing.assert_close(score(0, 0), (q * k).sum())  # position 0: no rotation
+    assert not torch.allclose(score(0, 1), score(0, 0)) and not torch.allclose(score(0, 1), score(0, 2))
+    # Rotate-half pairs feature i with feature i + hd/2 (not the neighbouring feature).
+    x = torch.zeros(1, 1, 1, hd)
+    x[..., 0] = 1.0
+    rotated = apply_rope(x, cos[3:4], sin[3:4])[0, 0, 0]
+    assert rotated[[0, hd // 2]].abs().gt(0).all() and rotated[1 : hd // 2].abs().max() == 0
 
 
 @pytest.mark.parametrize(
@@ -177,6 +183,7 @@ def test_rope_depends_on_relative_position_only():
         ({"preset": "XL/3"}, "valid presets: B/2, L/2"),
         ({"preset": "tiny", "input_size": 30, "patch_size": 4}, "input_size=30.*patch_size=4"),
         ({"preset": "tiny", "num_heads": 3}, "num_heads=3"),
+        ({"preset": "tiny", "hidden_size": 60, "num_heads": 4}, "even integer head size"),
         ({"preset": "tiny", "num_context_tokens": -1}, "num_context_tokens"),
         ({"preset": "tiny", "init_output_std": -0.1}, "init_output_std"),
     ],
@@ -242,7 +249,9 @@ def test_init_output_std_spreads_initial_samples_by_noise(std):
     with torch.no_grad():
         out = model(**inputs, labels=labels, alpha=1.0)
     assert out.std().item() == pytest.approx(std, rel=0.2)
-    assert out.std(0).mean().item() > 0.5 * std  # per pixel across samples, not a fixed pattern
+    # Per pixel across samples, not only a fixed pattern: at init the sin-cos position embedding outweighs the
+    # embedding of 2x2 patches of one channel, so about a third of the spread comes from the noise.
+    assert out.std(0).mean().item() > 0.25 * std
     zero = DiT("digits")
     with torch.no_grad():
         assert zero(**inputs, labels=labels, alpha=1.0).abs().max().item() == 0.0
