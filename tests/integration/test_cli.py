@@ -26,13 +26,13 @@ def test_list_prints_every_kind_with_docs_and_args():
 def test_list_unknown_kind_suggests():
     out = run_drifting("list", "kernals")
     assert out.returncode == 2
-    assert "Did you mean 'kernels'" in out.stderr
+    assert "did you mean 'kernels'" in out.stderr
 
 
 def test_unknown_component_name_gets_did_you_mean():
     out = run_drifting("fit", "--config", TOY, "--model.init_args.loss.init_args.kernel", "Gausian", *FAST)
     assert out.returncode != 0
-    assert "Did you mean 'Gaussian'" in out.stderr
+    assert "did you mean 'Gaussian'" in out.stderr
 
 
 def test_missing_config_file_is_named():
