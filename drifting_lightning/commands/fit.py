@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -155,15 +156,22 @@ def quiet_console() -> None:
     for message in quiet:
         warnings.filterwarnings("ignore", message=message)
     for handler in logging.getLogger("lightning.pytorch").handlers:
-        if not any(isinstance(f, _NoAdvertisement) for f in handler.filters):
-            handler.addFilter(_NoAdvertisement())
+        if not any(isinstance(f, _Quiet) for f in handler.filters):
+            handler.addFilter(_Quiet())
 
 
-class _NoAdvertisement(logging.Filter):
-    """Drops Lightning's advertisement for its cloud logger, printed at every start."""
+class _Quiet(logging.Filter):
+    """Drops Lightning's log lines that a `drifting fit` user cannot act on, each by its exact text."""
+
+    QUIET = re.compile(
+        r"💡 Tip: For seamless cloud logging"  # an advertisement, at every start
+        r"|`weights_only` was not set, defaulting to `False`"  # GracefulStop's checkpoint on SIGTERM/Ctrl-C
+        r"|(\[rank: \d+\] )?Received SIGTERM: \d+"  # says SIGTERM for a Ctrl-C; GracefulStop names the signal
+        r"|\s*Detected KeyboardInterrupt, attempting graceful shutdown"  # `drifting` prints "interrupted"
+    )
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("💡 Tip: For seamless cloud logging")
+        return not self.QUIET.match(record.getMessage())
 
 
 def main(argv: Sequence[str]) -> int:

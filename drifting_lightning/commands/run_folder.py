@@ -25,16 +25,19 @@ class RunConfigCallback(SaveConfigCallback):
         if not self.already_saved and self.save_to_log_dir:
             decision: tuple[str, str | None] = (self.config_filename, None)
             if trainer.is_global_zero:
-                decision = _decide(trainer, Path(trainer.log_dir or trainer.default_root_dir), self.config_filename)
+                # ckpt_path of the parsed config ("last" already resolved): the trainer learns it after setup.
+                resumed = bool(self.config.get("ckpt_path"))
+                decision = _decide(trainer, Path(trainer.log_dir or trainer.default_root_dir), self.config_filename,
+                                   resumed)  # fmt: skip
             self.config_filename, problem = trainer.strategy.broadcast(decision)
             if problem:
                 raise ValueError(problem)
         super().setup(trainer, pl_module, stage)
 
 
-def _decide(trainer: pl.Trainer, log_dir: Path, filename: str) -> tuple[str, str | None]:
+def _decide(trainer: pl.Trainer, log_dir: Path, filename: str, resumed: bool) -> tuple[str, str | None]:
     """(the config file name of this run, the reason to refuse the folder or None)."""
-    if trainer.ckpt_path is not None:
+    if resumed:
         stem, suffix = Path(filename).stem, Path(filename).suffix
         k = 1
         while (log_dir / f"{stem}.resume-{k}{suffix}").exists():
@@ -47,9 +50,9 @@ def _decide(trainer: pl.Trainer, log_dir: Path, filename: str) -> tuple[str, str
         return filename, None
     shown = ", ".join(str(p) for p in found[:3]) + (f" (+{len(found) - 3} more)" if len(found) > 3 else "")
     return filename, (
-        f"{shown} belong to an earlier run, which this new run would overwrite: resume it with --ckpt_path last, "
-        f"or start this run in another folder with --trainer.default_root_dir <new folder> (or a logger, which makes "
-        "a version folder per run)"
+        f"{shown}: checkpoint(s) of an earlier run, which this new run would overwrite: resume that run with "
+        "--ckpt_path last, or start this one in another folder with --trainer.default_root_dir <new folder> (or with a "
+        "logger, which makes a version folder per run)"
     )
 
 
