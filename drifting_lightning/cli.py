@@ -49,11 +49,11 @@ def _dispatch(argv: list[str]) -> int:
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        from drifting_lightning.registry import suggest
+        from drifting_lightning.registry import unknown
 
-        hint = suggest(name, COMMANDS) if not name.startswith("-") else ""
-        what = f"unknown command {name!r}." if not name.startswith("-") else f"{name} comes after a command."
-        raise UsageError(f"{what}{hint} Commands: {', '.join(COMMANDS)} (drifting --help)")
+        if name.startswith("-"):
+            raise UsageError(f"{name} goes after a command; commands: {', '.join(COMMANDS)} (drifting --help)")
+        raise UsageError(f"{unknown('command', name, list(COMMANDS))} (drifting --help)")
     command: Callable[[Sequence[str]], int] = list_components if name == "list" else _load(name)
     return command(rest)
 
