@@ -94,7 +94,7 @@ class DriftingCLI(LightningCLI):
             short = instantiation_error(err, config)
             if short is None or os.environ.get("DRIFTING_DEBUG"):
                 raise
-            raise short from err
+            raise short from None  # DRIFTING_DEBUG=1 raises the whole chain above
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> pl.Trainer:
         # A progress bar in steps by default, unless the run disables bars or configures its own.
