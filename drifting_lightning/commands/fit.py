@@ -108,20 +108,18 @@ class DriftingCLI(LightningCLI):
         return super()._instantiate_trainer(config, callbacks)
 
     def _run_subcommand(self, subcommand: str) -> None:
-        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-        existed = folder.exists()
+        # Rank 0 creates the run folder; when the run fails before its first step, it removes the folder again.
+        trainer = self.trainer
+        folder = Path(trainer.log_dir or trainer.default_root_dir) if trainer.is_global_zero else None
+        created = folder is not None and not folder.exists()
         try:
             super()._run_subcommand(subcommand)
-        except SystemExit as exit_:
-            if not existed:
-                remove_failed_start(self.trainer, folder)
+        except BaseException as err:
+            if created:
+                remove_failed_start(trainer, folder)
             # Lightning answers a Ctrl-C before training starts (GracefulStop handles it after) with exit(1).
-            if isinstance(exit_.__context__, KeyboardInterrupt):
+            if isinstance(err, SystemExit) and isinstance(err.__context__, KeyboardInterrupt):
                 raise KeyboardInterrupt from None
-            raise
-        except BaseException:
-            if not existed:
-                remove_failed_start(self.trainer, folder)
             raise
 
 

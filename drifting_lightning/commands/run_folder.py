@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.cli import SaveConfigCallback
@@ -56,11 +55,11 @@ def _decide(trainer: pl.Trainer, log_dir: Path, filename: str, resumed: bool) ->
     )
 
 
-def remove_failed_start(trainer: Any, folder: Path) -> None:
+def remove_failed_start(trainer: pl.Trainer, folder: Path) -> None:
     """Remove ``folder`` (created by this run) when the run ended before its first step and wrote no checkpoint:
     nothing in it is worth keeping, and empty version folders make ``--ckpt_path last`` and TensorBoard harder to
     read. A run that got further keeps everything."""
-    if getattr(trainer, "global_step", 0) > 0 or not getattr(trainer, "is_global_zero", True) or not folder.is_dir():
+    if trainer.global_step > 0 or not folder.is_dir():
         return
     if not any(folder.rglob("*.ckpt")):
         shutil.rmtree(folder, ignore_errors=True)
