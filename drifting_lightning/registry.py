@@ -158,13 +158,13 @@ def _show(default: object) -> str:
 
 
 def suggest(name: str, options: Iterable[str]) -> str:
-    """' Did you mean X?' for a mistyped name among ``options``, or ''."""
+    """"did you mean 'X'?" for a mistyped name among ``options``, or ''."""
     close = difflib.get_close_matches(name, list(options), n=3, cutoff=0.6)
-    return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return f"did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
 
 def unknown(label: str, name: str, names: list[str]) -> str:
     """"unknown kernel 'Gausian'; did you mean 'Gaussian'? Choose from Cauchy, Gaussian, ..." (at most 12 shown)."""
-    hint = suggest(name.rsplit(".", 1)[-1], names).strip().replace("Did you", "did you")
+    hint = suggest(name.rsplit(".", 1)[-1], names)
     shown = ", ".join(names) if len(names) <= 12 else ", ".join(names[:12]) + f", ... ({len(names)} in all)"
     return f"unknown {label} {name!r}; {hint + ' Choose' if hint else 'choose'} from {shown}"

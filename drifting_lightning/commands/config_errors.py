@@ -106,7 +106,7 @@ def _unknown_key(keys: list[str], option: str, class_path: str | None) -> str:
     if cls is None:
         return f"{key}: no such option; see `drifting fit --help`"
     params = [p for p in list(inspect.signature(cls.__init__).parameters)[1:] if p not in ("args", "kwargs")]
-    hint = registry.suggest(option, params).strip().replace("Did you", "did you")
+    hint = registry.suggest(option, params)
     return f"{key}: {cls.__name__} has no argument {option!r}; {hint + ' Its' if hint else 'its'} arguments: " + (
         ", ".join(params)
     )
@@ -117,7 +117,7 @@ def argparse_error(message: str, options: list[str]) -> str | None:
     required sections (with how to give them)."""
     if message.startswith("unrecognized arguments:"):
         first = message.split(":", 1)[1].split()[0]
-        hint = registry.suggest(first.split("=", 1)[0], options).strip().replace("Did you", "did you")
+        hint = registry.suggest(first.split("=", 1)[0], options)
         return f"unknown option {first}{'; ' + hint if hint else ''} (see `drifting fit --help`)"
     if message.startswith("the following arguments are required:"):
         return f"{message.strip()}: give them in a config, e.g. --config configs/toy/checkerboard.yaml (see configs/)"
@@ -136,7 +136,7 @@ def instantiation_error(err: BaseException, config: Any) -> BaseException | None
     tree = config.as_dict() if hasattr(config, "as_dict") else config
     found = list(_find_class(tree, classes[-1], []))
     where = found[0] if len(found) == 1 else classes[-1].rsplit(".", 1)[-1]
-    return type(root)(f"{where}: {str(root).strip()}") if isinstance(root, (ValueError, TypeError)) else root
+    return ValueError(f"{where}: {str(root).strip()}") if isinstance(root, (ValueError, TypeError)) else root
 
 
 def _find_class(node: Any, class_path: str, keys: list[str]) -> Iterator[str]:
