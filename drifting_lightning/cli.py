@@ -12,16 +12,20 @@ from collections.abc import Callable, Sequence
 
 from drifting_lightning.commands import UsageError, guarded
 
-# name -> (module with main(argv) -> int, one line for `drifting --help`)
+# name -> ("module:function" taking argv and returning the exit status, one line for `drifting --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "fit": ("drifting_lightning.commands.fit", "train a generator (--config X.yaml, --print_config, --ckpt_path last)"),
-    "list": ("drifting_lightning.cli", "the components a config can name: kernels, fields, encoders, generators, ..."),
-    "sample": ("drifting_lightning.commands.sample", "one-step samples of a checkpoint or export, as an ADM .npz"),
-    "evaluate": ("drifting_lightning.commands.evaluate", "FID / Frechet distance of an .npz of samples"),
-    "export": ("drifting_lightning.commands.export", "a checkpoint's EMA generator as safetensors + config.json"),
-    "encode-latents": ("drifting_lightning.commands.encode_latents", "an image folder -> SD-VAE latent shards"),
-    "import-official": ("drifting_lightning.commands.import_official", "the authors' released weights in our formats"),
-}
+    "fit": ("drifting_lightning.commands.fit:main",
+            "train a generator (--config X.yaml, --print_config, --ckpt_path last)"),
+    "list": ("drifting_lightning.cli:list_components",
+             "the components a config can name: kernels, fields, encoders, generators, ..."),
+    "sample": ("drifting_lightning.commands.sample:main",
+               "one-step samples of a checkpoint or export, as an ADM .npz"),
+    "evaluate": ("drifting_lightning.commands.evaluate:main", "FID / Frechet distance of an .npz of samples"),
+    "export": ("drifting_lightning.commands.export:main", "a checkpoint's EMA generator as safetensors + config.json"),
+    "encode-latents": ("drifting_lightning.commands.encode_latents:main", "an image folder -> SD-VAE latent shards"),
+    "import-official": ("drifting_lightning.commands.import_official:main",
+                        "the authors' released weights in our formats"),
+}  # fmt: skip
 
 USAGE = "usage: drifting <command> [options]   (drifting <command> --help: the options of one command)"
 
@@ -54,12 +58,9 @@ def _dispatch(argv: list[str]) -> int:
         if name.startswith("-"):
             raise UsageError(f"{name} goes after a command; commands: {', '.join(COMMANDS)} (drifting --help)")
         raise UsageError(f"{unknown('command', name, list(COMMANDS))} (drifting --help)")
-    command: Callable[[Sequence[str]], int] = list_components if name == "list" else _load(name)
+    module, function = COMMANDS[name][0].split(":")
+    command: Callable[[Sequence[str]], int] = getattr(importlib.import_module(module), function)
     return command(rest)
-
-
-def _load(name: str) -> Callable[[Sequence[str]], int]:
-    return importlib.import_module(COMMANDS[name][0]).main
 
 
 def list_components(argv: Sequence[str]) -> int:
