@@ -22,12 +22,11 @@ class RunConfigCallback(SaveConfigCallback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not self.already_saved and self.save_to_log_dir:
+            log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective call: every rank makes it
             decision: tuple[str, str | None] = (self.config_filename, None)
             if trainer.is_global_zero:
                 # ckpt_path of the parsed config ("last" already resolved): the trainer learns it after setup.
-                resumed = bool(self.config.get("ckpt_path"))
-                decision = _decide(trainer, Path(trainer.log_dir or trainer.default_root_dir), self.config_filename,
-                                   resumed)  # fmt: skip
+                decision = _decide(trainer, log_dir, self.config_filename, bool(self.config.get("ckpt_path")))
             self.config_filename, problem = trainer.strategy.broadcast(decision)
             if problem:
                 raise ValueError(problem)
