@@ -191,6 +191,8 @@ def test_help_lists_every_command_and_the_common_invocations():
     assert listed == list(COMMANDS)
     assert out.stdout.count("\n  drifting ") == 3  # the three most common invocations
     assert "--ckpt_path last" in out.stdout
+    bare = run_drifting()  # no command: the same help, as a usage error
+    assert bare.returncode == 2 and bare.stderr == out.stdout
 
 
 @pytest.mark.parametrize("name", ["fitt", "validate", "predict"])
