@@ -1,87 +1,82 @@
-"""The ``drifting`` command: LightningCLI (fit/validate/test/predict) plus ``list`` and the tool commands."""
+"""The ``drifting`` command: its command table, its help, ``drifting list``, and the error policy around them all.
+
+This module imports nothing heavy: each command loads what it needs when it runs, so ``drifting --help`` is quick
+and a Ctrl-C while torch and Lightning load is handled like any other ("interrupted", exit status 130).
+"""
 
 from __future__ import annotations
 
 import importlib
-import os
-import re
 import sys
 from collections.abc import Callable, Sequence
 
-import lightning.pytorch as pl
-import yaml
-from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
-from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from drifting_lightning.commands import UsageError, guarded
 
-from drifting_lightning import registry
-from drifting_lightning.checkpoints.resume import harden_trainer, resolve_ckpt_path, resolve_last_checkpoint
+# name -> ("module:function" taking argv and returning the exit status, one line for `drifting --help`)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "fit": ("drifting_lightning.commands.fit:main",
+            "train a generator (--config X.yaml, --print_config, --ckpt_path last)"),
+    "list": ("drifting_lightning.cli:list_components",
+             "the components a config can name: kernels, fields, encoders, generators, ..."),
+    "sample": ("drifting_lightning.commands.sample:main",
+               "one-step samples of a checkpoint or export, as an ADM .npz"),
+    "evaluate": ("drifting_lightning.commands.evaluate:main", "FID / Frechet distance of an .npz of samples"),
+    "export": ("drifting_lightning.commands.export:main", "a checkpoint's EMA generator as safetensors + config.json"),
+    "encode-latents": ("drifting_lightning.commands.encode_latents:main", "an image folder -> SD-VAE latent shards"),
+    "import-official": ("drifting_lightning.commands.import_official:main",
+                        "the authors' released weights in our formats"),
+}  # fmt: skip
 
-USER_ERRORS = (ValueError, FileNotFoundError, KeyError, RuntimeError, MisconfigurationException)
+USAGE = "usage: drifting <command> [options]   (drifting <command> --help: the options of one command)"
+
+EXAMPLES = """\
+Most used:
+  drifting fit --config configs/toy/checkerboard.yaml            # train the toy model on CPU, in minutes
+  drifting fit --config configs/digits.yaml --ckpt_path last     # start a run, or resume it where it stopped
+  drifting sample --ckpt runs/digits/version_0/checkpoints/last.ckpt --num 1000 --out samples.npz"""
 
 
-class DriftingArgumentParser(LightningArgumentParser):
-    """Adds "did you mean" suggestions to jsonargparse's errors about unknown component names."""
-
-    def error(self, message: str, *args, **kwargs):
-        hints = {registry.suggest(name) for name in re.findall(r"['\"]([A-Za-z_][\w.]*)['\"]", message)}
-        hints.discard("")
-        if hints:
-            message = message.rstrip() + "\n" + "\n".join(sorted(h.strip() for h in hints))
-            message += "\nRun `drifting list` for every component name."
-        return super().error(message, *args, **kwargs)
+def help_text() -> str:
+    rows = "\n".join(f"  {name:<16} {line}" for name, (_, line) in COMMANDS.items())
+    return f"{USAGE}\n\nCommands:\n{rows}\n\n{EXAMPLES}\n"
 
 
-class DriftingCLI(LightningCLI):
-    """LightningCLI with any LightningModule / LightningDataModule selected by class name in the config."""
+def main(argv: Sequence[str] | None = None) -> int:
+    """``drifting ARGS``; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return guarded(lambda: _dispatch(argv))
 
-    def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
-        registry.load_components()
-        super().__init__(
-            model_class=pl.LightningModule,
-            datamodule_class=pl.LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            parser_class=DriftingArgumentParser,
-            trainer_defaults={"gradient_clip_val": 2.0, "default_root_dir": "runs"},
-            save_config_kwargs={"overwrite": True},
-            args=None if args is None else list(args),
-            run=run,
-        )
 
-    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
-        super().parse_arguments(parser, args)
-        subcommand = self.config.get("subcommand")
-        if subcommand:
-            resolve_ckpt_path(self.config[subcommand])
+def _dispatch(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(help_text(), end="", file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        from drifting_lightning.registry import unknown
 
-    def before_instantiate_classes(self) -> None:
-        # "last" is resolved after LightningCLI took the model's hyper-parameters from a checkpoint given by path:
-        # a resume from last.ckpt runs with the config on the command line (its tensors checked against the checkpoint).
-        if self.subcommand == "fit":
-            resolve_last_checkpoint(self.config.fit)
-
-    def _instantiate_trainer(self, config: dict, callbacks: list) -> pl.Trainer:
-        # A rich progress bar by default, unless the run disables bars or configures its own.
-        configured = config.get("callbacks") or []
-        has_bar = any(isinstance(c, ProgressBar) for c in [*configured, *callbacks])
-        if config.get("enable_progress_bar", True) is not False and not has_bar:
-            callbacks = [*callbacks, RichProgressBar()]
-        # last.ckpt, atomic checkpoint files, the training RNG stream in checkpoints, a clean stop on SIGTERM/SIGINT.
-        callbacks = [*callbacks, *harden_trainer(config)]
-        return super()._instantiate_trainer(config, callbacks)
+        if name.startswith("-"):
+            raise UsageError(f"{name} goes after a command; commands: {', '.join(COMMANDS)} (drifting --help)")
+        raise UsageError(f"{unknown('command', name, list(COMMANDS))} (drifting --help)")
+    module, function = COMMANDS[name][0].split(":")
+    command: Callable[[Sequence[str]], int] = getattr(importlib.import_module(module), function)
+    return command(rest)
 
 
 def list_components(argv: Sequence[str]) -> int:
     """``drifting list [kind]``: every registered component with a one-line doc and its arguments."""
+    from drifting_lightning import registry
+
+    if any(a in ("-h", "--help") for a in argv):
+        print(f"usage: drifting list [{'|'.join(registry.kinds())}]\n\nThe components a config can name, each with "
+              "a one-line doc and its arguments; without a kind, all of them.")  # fmt: skip
+        return 0
     table = registry.kinds()
-    wanted = list(argv) or list(table)
-    for kind in wanted:
+    for kind in list(argv) or list(table):
         try:
             found = registry.components(kind)
-        except ValueError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+        except ValueError as err:  # an unknown kind: the message names the kinds
+            raise UsageError(str(err)) from None
         print(f"{kind}:")
         for name, cls in found.items():
             summary, args = registry.describe(cls)
@@ -90,66 +85,6 @@ def list_components(argv: Sequence[str]) -> int:
                 print(f"  {'':<24}   args: {args}")
         print()
     return 0
-
-
-def _tool_commands() -> dict[str, Callable[[Sequence[str]], int]]:
-    # Imported on use: each tool command pulls in only what it needs.
-    def lazy(module: str) -> Callable[[Sequence[str]], int]:
-        return lambda argv: importlib.import_module(module).main(argv)
-
-    return {
-        "list": list_components,
-        "sample": lazy("drifting_lightning.commands.sample"),
-        "evaluate": lazy("drifting_lightning.commands.evaluate"),
-        "export": lazy("drifting_lightning.commands.export"),
-        "encode-latents": lazy("drifting_lightning.data.latents"),
-        "import-official": lazy("drifting_lightning.commands.import_official"),
-    }
-
-
-def check_config_files(argv: Sequence[str]) -> None:
-    """Every ``--config``/``-c`` file exists and is valid YAML; the error names the file and the line."""
-    for i, arg in enumerate(argv):
-        if arg in ("--config", "-c") and i + 1 < len(argv):
-            path = argv[i + 1]
-        elif arg.startswith("--config="):
-            path = arg.split("=", 1)[1]
-        else:
-            continue
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"config file {path} does not exist (see configs/ for the shipped ones)")
-        with open(path) as f:
-            try:
-                yaml.safe_load(f)
-            except yaml.YAMLError as err:
-                raise ValueError(f"config file {path} is not valid YAML: {err}") from None
-
-
-def explain(err: BaseException) -> str:
-    """The error's message, with our fix added where Lightning's own message does not name one."""
-    text = str(err)
-    if "stateful callback of type `FrechetCallback`" in text:
-        text += "\nGive each FrechetCallback of one metric its own `tag` (e.g. tag: 50k)."
-    return text
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    tools = _tool_commands()
-    try:
-        if argv and argv[0] in tools:
-            return tools[argv[0]](argv[1:])
-        check_config_files(argv)
-        DriftingCLI(args=argv)
-        return 0
-    except USER_ERRORS as err:
-        if os.environ.get("DRIFTING_DEBUG"):
-            raise
-        print(f"error: {explain(err)}\n(set DRIFTING_DEBUG=1 for the full traceback)", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # Ctrl-C outside training (GracefulStop handles it there)
-        print("interrupted", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

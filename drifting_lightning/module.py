@@ -19,6 +19,7 @@ from torch import Tensor
 from drifting_lightning.checkpoints.states import check_state_fits
 from drifting_lightning.drift.loss import DriftingLoss
 from drifting_lightning.encoders.base import FeatureEncoder, Identity
+from drifting_lightning.fit_checks import check_generator_fits_data
 from drifting_lightning.models.base import Generator
 from drifting_lightning.parallel import clip_fsdp_gradients, full_parameters, shard_fsdp2, wrap_fsdp
 from drifting_lightning.sampling.guidance import GuidanceSampler, guidance_weight
@@ -156,6 +157,7 @@ class DriftingModule(pl.LightningModule):
         return (torch.cat(alphas) if use_guidance else None), inputs
 
     def on_fit_start(self) -> None:
+        check_generator_fits_data(self.ema_generator, self.trainer.datamodule)  # the EMA copy is never wrapped
         # Rank 0's seed (the one seed_everything set) for every rank's group streams.
         self._noise_seed = self.trainer.strategy.broadcast(torch.initial_seed())
 

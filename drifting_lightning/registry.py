@@ -2,7 +2,7 @@
 
 jsonargparse already resolves short class names (``--model.loss.kernel Gaussian``) for every imported subclass of a
 typed base class, so the registry of record is the class hierarchy itself. This module makes sure every built-in and
-plug-in class is imported, lists them by kind, and suggests names for typos.
+plug-in class is imported, lists them by kind, names the choices of a base class and suggests names for typos.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import difflib
 import importlib
 import inspect
 import warnings
+from collections.abc import Iterable
 from importlib.metadata import entry_points
 
 import lightning.pytorch as pl
@@ -91,25 +92,40 @@ def components(kind: str) -> dict[str, type]:
     load_components()
     table = kinds()
     if kind not in table:
-        raise ValueError(f"unknown kind {kind!r}; choose from {', '.join(table)}{_suggest(kind, table)}")
-    base = table[kind]
+        raise ValueError(unknown("kind", kind, list(table)))
+    found = _subclasses(table[kind], ours_only=kind in ("data", "models"))
+    if kind == "samplers":
+        from drifting_lightning.sampling.guidance import GuidanceSampler
+
+        found["GuidanceSampler"] = GuidanceSampler
+    return dict(sorted(found.items()))
+
+
+def _subclasses(base: type, ours_only: bool = False, with_lightning: bool = False) -> dict[str, type]:
     found: dict[str, type] = {}
     stack = list(base.__subclasses__())
     while stack:
         cls = stack.pop()
         stack.extend(cls.__subclasses__())
         hidden = cls.__name__.startswith(("_", "LazyInstance_"))  # jsonargparse's lazy_instance wrappers
-        if cls.__module__.startswith(("lightning", "pytorch_lightning")) or hidden:
+        if hidden or (not with_lightning and cls.__module__.startswith(("lightning", "pytorch_lightning"))):
             continue
-        ours = cls.__module__.startswith("drifting_lightning")
-        if kind in ("data", "models") and not ours and not _is_plugin(cls):
+        if ours_only and not cls.__module__.startswith("drifting_lightning") and not _is_plugin(cls):
             continue
         found[cls.__name__] = cls
-    if kind == "samplers":
-        from drifting_lightning.sampling.guidance import GuidanceSampler
+    return found
 
-        found["GuidanceSampler"] = GuidanceSampler
-    return dict(sorted(found.items()))
+
+def choices(base: type) -> tuple[str, list[str]]:
+    """(what a value of type ``base`` is called, the short names it accepts), for "unknown name" errors: "kernel"
+    and the kernels for ``Kernel``, likewise for every kind of ``drifting list``; else the base's name, the base
+    and its loaded subclasses (Lightning's own included: jsonargparse accepts their short names too)."""
+    load_components()
+    for kind, kind_base in kinds().items():
+        if base is kind_base:
+            label = {"data": "data module", "models": "model"}.get(kind, kind.removesuffix("s"))
+            return label, list(components(kind))
+    return base.__name__, sorted({base.__name__, *_subclasses(base, with_lightning=True)})
 
 
 def _is_plugin(cls: type) -> bool:
@@ -141,15 +157,14 @@ def _show(default: object) -> str:
         return type(default).__name__.removeprefix("LazyInstance_") + "(...)"
 
 
-def all_names() -> list[str]:
-    return sorted({name for kind in kinds() for name in components(kind)})
-
-
-def suggest(name: str) -> str:
-    """' Did you mean X?' for a mistyped component name, or ''."""
-    return _suggest(name.rsplit(".", 1)[-1], all_names())
-
-
-def _suggest(name: str, options) -> str:
+def suggest(name: str, options: Iterable[str]) -> str:
+    """"did you mean 'X'?" for a mistyped name among ``options``, or ''."""
     close = difflib.get_close_matches(name, list(options), n=3, cutoff=0.6)
-    return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return f"did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
+def unknown(label: str, name: str, names: list[str]) -> str:
+    """"unknown kernel 'Gausian'; did you mean 'Gaussian'? Choose from Cauchy, Gaussian, ..." (at most 12 shown)."""
+    hint = suggest(name.rsplit(".", 1)[-1], names)
+    shown = ", ".join(names) if len(names) <= 12 else ", ".join(names[:12]) + f", ... ({len(names)} in all)"
+    return f"unknown {label} {name!r}; {hint + ' Choose' if hint else 'choose'} from {shown}"

@@ -1,7 +1,13 @@
-"""The tool commands of ``drifting``: ``sample``, ``evaluate`` and ``export``, each ``main(argv) -> int``.
+"""The commands of ``drifting`` (``fit``, ``sample``, ``evaluate``, ``export``, ``encode-latents``,
+``import-official``), each ``main(argv) -> int``, and the one error policy they all share:
 
-Shared here: device selection and the error policy (a missing file or a bad argument prints one line naming it and
-returns 1; ``DRIFTING_DEBUG=1`` shows the traceback instead).
+- a user error (a bad argument or value, a missing or damaged file, parts of a config that do not fit) prints
+  ``error: <message>`` and a line on ``DRIFTING_DEBUG``, exit status 1 (2 for a command line the parser rejects);
+- Ctrl-C prints ``interrupted``, exit status 130;
+- ``DRIFTING_DEBUG=1`` raises instead, with the full traceback.
+
+Nothing heavy is imported here: ``drifting`` must reach this policy before torch and Lightning load, so that a Ctrl-C
+during start-up is handled too.
 """
 
 from __future__ import annotations
@@ -10,14 +16,64 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-USER_ERRORS = (FileNotFoundError, ValueError, KeyError, RuntimeError, ImportError, TypeError)
+DEBUG_HINT = "(set DRIFTING_DEBUG=1 for the full traceback)"
+
+
+class UsageError(Exception):
+    """A command line or config that the parser rejects; the message says which key or value and the fix."""
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    # Lightning's configuration error is a user error too; Lightning is loaded by then whenever it can be raised.
+    found: tuple[type[BaseException], ...] = (
+        UsageError, ValueError, OSError, KeyError, RuntimeError, ImportError, TypeError,
+    )  # fmt: skip
+    lightning = sys.modules.get("lightning.fabric.utilities.exceptions")
+    return found + ((lightning.MisconfigurationException,) if lightning is not None else ())
+
+
+def explain(err: BaseException) -> str:
+    """The error's message, with our fix added where the message of a library does not name one."""
+    text = str(err) if not isinstance(err, KeyError) or not err.args else str(err.args[0])
+    if "stateful callback of type `FrechetCallback`" in text:
+        text += "\nGive each FrechetCallback of one metric its own `tag` (e.g. tag: 50k)."
+    return text
+
+
+def guarded(body: Callable[[], int]) -> int:
+    """Run ``body`` under the error policy of this module; returns the exit status."""
+    try:
+        return body()
+    except KeyboardInterrupt:
+        if os.environ.get("DRIFTING_DEBUG"):
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130
+    except _user_error_types() as err:
+        if os.environ.get("DRIFTING_DEBUG"):
+            raise
+        print(f"error: {explain(err)}\n{DEBUG_HINT}", file=sys.stderr)
+        return 2 if isinstance(err, UsageError) else 1
+
+
+def run_command(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], int], argv: Sequence[str]) -> int:
+    """Parse ``argv`` and run ``body`` under the error policy; usage errors return 2 (``--help`` 0)."""
+    try:
+        args = parser.parse_args(list(argv))
+    except SystemExit as exit_:  # argparse exits on --help and on usage errors; a command returns instead
+        return int(exit_.code or 0)
+    return guarded(lambda: body(args))
 
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> cuda if available, else mps, else cpu; any other name is passed to ``torch.device``."""
+    import torch
+
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -28,18 +84,3 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
     return device
-
-
-def run_command(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], int], argv: Sequence[str]) -> int:
-    """Parse ``argv`` and run ``body``; usage errors return 2 (``--help`` 0), user errors print and return 1."""
-    try:
-        args = parser.parse_args(list(argv))
-    except SystemExit as exit_:  # argparse exits on --help and on usage errors; a command returns instead
-        return int(exit_.code or 0)
-    try:
-        return body(args)
-    except USER_ERRORS as err:
-        if os.environ.get("DRIFTING_DEBUG"):
-            raise
-        print(f"error: {err}\n(set DRIFTING_DEBUG=1 for the full traceback)", file=sys.stderr)
-        return 1

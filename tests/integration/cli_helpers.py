@@ -33,10 +33,23 @@ def run_drifting(*args: str) -> Finished:
     return Finished(code, out.getvalue(), err.getvalue())
 
 
+def _env() -> dict[str, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env.pop("DRIFTING_DEBUG", None)
+    return env
+
+
 def run_drifting_subprocess(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """`python -m drifting_lightning ARGS` in a subprocess with offline settings."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     return subprocess.run(
         [sys.executable, "-m", "drifting_lightning", *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def start_drifting_subprocess(*args: str) -> subprocess.Popen:
+    """`python -m drifting_lightning ARGS` started in a subprocess (offline), stdout and stderr piped as text."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "drifting_lightning", *args],
+        cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip

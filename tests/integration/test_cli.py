@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.integration.cli_helpers import REPO, run_drifting, run_drifting_subprocess
@@ -26,13 +27,13 @@ def test_list_prints_every_kind_with_docs_and_args():
 def test_list_unknown_kind_suggests():
     out = run_drifting("list", "kernals")
     assert out.returncode == 2
-    assert "Did you mean 'kernels'" in out.stderr
+    assert "did you mean 'kernels'" in out.stderr
 
 
 def test_unknown_component_name_gets_did_you_mean():
     out = run_drifting("fit", "--config", TOY, "--model.init_args.loss.init_args.kernel", "Gausian", *FAST)
     assert out.returncode != 0
-    assert "Did you mean 'Gaussian'" in out.stderr
+    assert "did you mean 'Gaussian'" in out.stderr
 
 
 def test_missing_config_file_is_named():
@@ -91,3 +92,148 @@ def test_ctrl_c_in_a_tool_command_is_a_short_message(capsys, monkeypatch):
     monkeypatch.setattr(sample, "main", interrupted)
     assert cli.main(["sample", "--ckpt", "x.ckpt", "--out", "x.npz"]) == 130
     assert capsys.readouterr().err.strip() == "interrupted"
+
+
+# ---- one short error that names the key, the value and the choices of the right kind ----------------------------
+def error_of(out) -> str:
+    """The `error: ...` line of a failed run, after checking that the message is at most 3 lines, no traceback."""
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode != 0
+    assert 1 <= len(lines) <= 3, out.stderr
+    assert "Traceback" not in out.stderr and "usage:" not in out.stderr
+    return next(line for line in lines if line.startswith("error: "))
+
+
+KERNELS = "Cauchy, Gaussian, InverseMultiquadric, Laplace"
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--model.loss.kernel", "Foo"], f"error: model.loss.kernel: unknown kernel 'Foo'; choose from {KERNELS}"),
+        (["--model.loss.kernel", "Gausian"],
+         f"error: model.loss.kernel: unknown kernel 'Gausian'; did you mean 'Gaussian'? Choose from {KERNELS}"),
+        (["--model.loss.field", "MeanShfit"],
+         "error: model.loss.field: unknown field 'MeanShfit'; did you mean 'MeanShift'? Choose from MMD, MeanShift,"),
+        (["--model.generator", "Foo"],
+         "error: model.generator: unknown generator 'Foo'; choose from DiT, MLPGenerator"),
+        (["--model.encoder", "Identiy"], "error: model.encoder: unknown encoder 'Identiy'; did you mean 'Identity'?"),
+        (["--data", "ToyDataModul"], "error: data: unknown data module 'ToyDataModul'; did you mean 'ToyDataModule'"),
+        (["--model.generated_per_grup", "3"],
+         "error: model.generated_per_grup: DriftingModule has no argument 'generated_per_grup'; did you mean "
+         "'generated_per_group'? Its arguments:"),
+        (["--trainer.max_steps", "lots"], "error: trainer.max_steps: expected an integer, got 'lots'"),
+        (["--trainer.max_stepz", "3"], "error: unknown option --trainer.max_stepz; did you mean '--trainer.max_steps'"),
+        (["--model.loss.temperatures", "[]"],
+         "error: model.loss: temperatures must be a non-empty list of positive finite numbers, got []"),
+        (["--model.loss.temperatures", "[-0.05]"],
+         "error: model.loss: temperatures must be a non-empty list of positive finite numbers, got [-0.05]"),
+    ],
+)  # fmt: skip
+def test_a_bad_name_key_or_value_on_the_command_line_is_one_short_error(args, expected):
+    out = run_drifting("fit", "--config", TOY, *args, *FAST)
+    line = error_of(out)
+    assert line.startswith(expected), line
+    assert "DriftingModule" not in line or "generated_per_grup" in line  # no hint from another kind
+
+
+def _toy_with(tmp_path: Path, edit) -> str:
+    config = yaml.safe_load(Path(TOY).read_text())
+    edit(config)
+    path = tmp_path / "edited.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def _loss(config: dict) -> dict:
+    return config["model"]["init_args"]["loss"]["init_args"]
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda c: _loss(c).update(kernel="Gausian"),
+         f"error: model.loss.kernel: unknown kernel 'Gausian'; did you mean 'Gaussian'? Choose from {KERNELS}"),
+        (lambda c: _loss(c)["field"].update(class_path="drifting_lightning.drift.fields.MeanShfit"),
+         "error: model.loss.field: unknown field 'drifting_lightning.drift.fields.MeanShfit'; did you mean "
+         "'MeanShift'?"),
+        (lambda c: c["data"].update(class_path="ToyDataModul"),
+         "error: data: unknown data module 'ToyDataModul'; did you mean 'ToyDataModule'"),
+        (lambda c: c["model"]["init_args"].update(generated_per_grup=c["model"]["init_args"].pop("lr")),
+         "error: model.generated_per_grup: DriftingModule has no argument 'generated_per_grup'; did you mean "
+         "'generated_per_group'?"),
+        (lambda c: _loss(c).update(temperatures=[-0.05]),
+         "error: model.loss: temperatures must be a non-empty list of positive finite numbers, got [-0.05]"),
+        (lambda c: c["trainer"].update(max_steps="lots"), "error: trainer.max_steps: expected an integer, got 'lots'"),
+    ],
+)  # fmt: skip
+def test_the_same_mistakes_in_a_config_file_are_one_short_error(tmp_path: Path, edit, expected):
+    out = run_drifting("fit", "--config", _toy_with(tmp_path, edit))
+    assert error_of(out).startswith(expected)
+
+
+def test_drifting_debug_keeps_the_full_report(monkeypatch):
+    monkeypatch.setenv("DRIFTING_DEBUG", "1")
+    out = run_drifting("fit", "--config", TOY, "--model.loss.kernel", "Foo")
+    assert out.returncode == 2
+    assert "Does not validate against any of the Union subtypes" in out.stderr
+    assert len(out.stderr.splitlines()) > 10
+
+
+# ---- help and the command table ------------------------------------------------------------------------------
+COMMANDS = ("fit", "list", "sample", "evaluate", "export", "encode-latents", "import-official")
+
+
+def test_help_lists_every_command_and_the_common_invocations():
+    out = run_drifting("--help")
+    assert out.returncode == 0
+    listed = [line.split()[0] for line in out.stdout.split("Commands:\n")[1].split("\n\n")[0].splitlines()]
+    assert listed == list(COMMANDS)
+    assert out.stdout.count("\n  drifting ") == 3  # the three most common invocations
+    assert "--ckpt_path last" in out.stdout
+    bare = run_drifting()  # no command: the same help, as a usage error
+    assert bare.returncode == 2 and bare.stderr == out.stdout
+
+
+@pytest.mark.parametrize("name", ["fitt", "validate", "predict"])
+def test_an_unknown_command_lists_the_commands(name: str):
+    out = run_drifting(name)
+    assert out.returncode == 2
+    line = error_of(out)
+    assert line.startswith(f"error: unknown command '{name}';")
+    assert line.endswith(f"from {', '.join(COMMANDS)} (drifting --help)")
+    assert ("did you mean 'fit'?" in line) == (name == "fitt")
+
+
+def test_list_help_and_fit_help():
+    listed = run_drifting("list", "--help")
+    assert listed.returncode == 0 and listed.stdout.startswith("usage: drifting list [kernels|fields|")
+    fit = run_drifting("fit", "--help")
+    assert fit.returncode == 0 and "--trainer.max_steps" in fit.stdout and "--resilience" in fit.stdout
+
+
+# ---- the one error policy ---------------------------------------------------------------------------------------
+def test_every_command_shares_the_error_policy(tmp_path: Path):
+    from drifting_lightning.commands.encode_latents import main as encode_latents
+
+    missing = str(tmp_path / "nowhere")
+    for out in (run_drifting("encode-latents", "--data", missing, "--vae", missing, "--out", str(tmp_path / "o")),
+                run_drifting("export", "--ckpt", missing + ".ckpt", "--out", str(tmp_path / "e"))):  # fmt: skip
+        assert out.returncode == 1
+        assert error_of(out).startswith("error: ") and missing in out.stderr
+    assert encode_latents(["--data", missing, "--vae", missing, "--out", str(tmp_path / "o")]) == 1
+
+
+def test_resilience_is_part_of_the_config():
+    from drifting_lightning.callbacks.graceful_stop import GracefulStop
+    from drifting_lightning.callbacks.rng import TrainingRNG
+    from drifting_lightning.commands.fit import DriftingCLI
+
+    printed = run_drifting("fit", "--config", TOY, "--print_config")
+    assert yaml.safe_load(printed.stdout)["resilience"] is True
+    common = ["--config", TOY, "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+    hardened = DriftingCLI(args=common, run=False).trainer
+    assert any(isinstance(c, GracefulStop) for c in hardened.callbacks)
+    assert any(isinstance(c, TrainingRNG) for c in hardened.callbacks)
+    plain = DriftingCLI(args=[*common, "--resilience", "false"], run=False).trainer
+    assert not any(isinstance(c, (GracefulStop, TrainingRNG)) for c in plain.callbacks)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from drifting_lightning.cli import DriftingCLI
+from drifting_lightning.commands.fit import DriftingCLI
 from drifting_lightning.data.toy import bimodal_centers
 from drifting_lightning.metrics.energy import mode_fractions
 from tests.integration.cli_helpers import REPO

@@ -229,7 +229,7 @@ def test_two_callbacks_of_one_metric_log_under_their_tags(tmp_path, classifier_f
 
 
 def test_two_callbacks_with_one_tag_are_refused_with_the_fix(tmp_path, classifier_file):
-    from drifting_lightning.cli import explain
+    from drifting_lightning.commands import explain
 
     common = dict(metric="classifier", checkpoint=classifier_file, batch_size=30, cache_dir=str(tmp_path / "refs"))
     with pytest.raises(RuntimeError, match="more than one stateful callback") as err:

@@ -19,9 +19,10 @@ from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.numpy import load_file
 
+from drifting_lightning.commands.encode_latents import main
 from drifting_lightning.data import latent_shards as shards
 from drifting_lightning.data.image_sources import center_crop_arr
-from drifting_lightning.data.latents import LatentDataModule, encode_latents, main
+from drifting_lightning.data.latents import LatentDataModule, encode_latents
 from drifting_lightning.data.vae import VAECodec, load_vae, resolve_vae_dir, shared_codec, vae_fingerprint
 from drifting_lightning.encoders.resnet_mae import ResNetMAE
 from drifting_lightning.encoders.vae_bridge import VAEBridge
@@ -243,7 +244,7 @@ def _dead_pid() -> int:
 _KILLED_RUN = """
 import os, signal, sys
 from drifting_lightning.data import latent_shards
-from drifting_lightning.data.latents import main
+from drifting_lightning.commands.encode_latents import main
 
 real_write, calls = latent_shards.write_safetensors, []
 
@@ -456,7 +457,7 @@ def test_latent_generator_trains_through_vae_bridge(assets, tmp_path):
 _CTRL_C_RUN = """
 import os, signal, sys
 from drifting_lightning.data import latent_shards
-from drifting_lightning.data.latents import main
+from drifting_lightning.commands.encode_latents import main
 
 real_write = latent_shards.write_encoded_shard
 

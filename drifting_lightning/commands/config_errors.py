@@ -1,0 +1,148 @@
+"""jsonargparse's nested errors -> one sentence that names the key, the value and the fix.
+
+jsonargparse reports a bad value deep in a config as a chain of exceptions, one per nesting level (a ``Parser key
+"loss"`` level, a ``Problem with given class_path`` level, a union of subtypes ...), and prints all of them with the
+usage: 60-90 lines for one typo. The chain holds everything a short message needs: the keys of the levels, the base
+class of the innermost component, and the root error. ``parse_error`` and ``instantiation_error`` read it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+import typing
+from argparse import ArgumentError
+from collections.abc import Iterator
+from typing import Any
+
+from drifting_lightning import registry
+
+_KEY = re.compile(r'^Parser key "([^"]+)"(?: element (\d+))?:')
+_UNION = re.compile(r"^Does not validate against any of the Union subtypes\nSubtypes: \[<class '([\w.]+)'>")
+_PROBLEM = re.compile(r"^Problem with given class_path '([\w.]+)'")
+_GIVEN_CLASS = re.compile(r"Given value: Namespace\(class_path='([\w.]+)'")
+_UNKNOWN_NAME = (
+    re.compile(r"^Expected a dot import path string: (\S+)"),
+    re.compile(r"^Import path (\S+) does not correspond to a subclass of"),
+)
+_UNKNOWN_KEY = re.compile(r"^Option '([^']+)' is not accepted")
+_EXPECTED = re.compile(r"^Expected a <class '(\w+)'>\. Got value: (.*)$", re.S)
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+
+
+def _chain(err: BaseException | None) -> Iterator[BaseException]:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def _import(class_path: str) -> Any:
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
+def parse_error(message: str, err: BaseException | None) -> str | None:
+    """One line for a parse error of the ``fit`` parser (``message``, the exception chain ``err``), or None when the
+    error is of a kind not recognised here (the caller then keeps jsonargparse's message)."""
+    keys: list[str] = []
+    classes: list[str] = []  # the class_path of each component level, outermost first
+    owner = base = None  # the class whose argument the innermost key is, and that key's base class
+    levels = [e for e in _chain(err) if not isinstance(e, ArgumentError)] or [ValueError(message)]
+    for e in levels:
+        text = str(e).strip()
+        if match := _KEY.match(text):
+            keys += [k for k in match.group(1).split(".") if k != "init_args"]
+            owner, base = (classes[-1] if classes else None), None
+            if match.group(2):
+                keys[-1] += f"[{int(match.group(2)) - 1}]"
+        elif match := _PROBLEM.match(text):
+            classes.append(match.group(1))
+        elif (match := _UNION.match(text)) and base is None:
+            base = match.group(1)
+    root = str(levels[-1]).strip()
+    key = ".".join(keys)
+    if match := _UNKNOWN_KEY.match(root):
+        return _unknown_key(keys, match.group(1), classes[-1] if classes else None)
+    name = next((m.group(1) for pattern in _UNKNOWN_NAME if (m := pattern.match(root))), None)
+    if name is None and isinstance(levels[-1], (AttributeError, ModuleNotFoundError)) and classes:
+        name = classes[-1]  # a full class path whose module or class does not exist
+    expected = _import(base) if base else _argument_type(owner, keys[-1]) if owner and keys else None
+    if name is not None and expected is not None:
+        return _unknown_name(key, name, expected)
+    if match := _EXPECTED.match(root):
+        wanted = _TYPE_WORDS.get(match.group(1), match.group(1))
+        return f"{key}: expected {wanted}, got {match.group(2).strip()!r}"
+    if key:
+        return f"{key}: {root.splitlines()[0]}"
+    return None
+
+
+def _argument_type(class_path: str, name: str) -> type | None:
+    """The class an argument of ``class_path``'s constructor takes (the first class of a union), or None."""
+    try:
+        hint = typing.get_type_hints(_import(class_path).__init__).get(name.split("[")[0])
+    except Exception:  # an annotation that does not resolve: no hint, jsonargparse's message stays
+        return None
+    for candidate in (hint, *typing.get_args(hint)):
+        if inspect.isclass(candidate) and candidate is not type(None):
+            return candidate
+    return None
+
+
+def _unknown_name(key: str, name: str, base: type) -> str:
+    label, names = registry.choices(base)
+    return f"{key + ': ' if key else ''}{registry.unknown(label, name, names)}"
+
+
+def _unknown_key(keys: list[str], option: str, class_path: str | None) -> str:
+    cls = _import(class_path) if class_path else None
+    key = ".".join([*keys, option])
+    if cls is None:
+        return f"{key}: no such option; see `drifting fit --help`"
+    params = [p for p in list(inspect.signature(cls.__init__).parameters)[1:] if p not in ("args", "kwargs")]
+    hint = registry.suggest(option, params)
+    return f"{key}: {cls.__name__} has no argument {option!r}; {hint + ' Its' if hint else 'its'} arguments: " + (
+        ", ".join(params)
+    )
+
+
+def argparse_error(message: str, options: list[str]) -> str | None:
+    """One line for argparse's own errors: an unknown option (with the closest options of the parser), missing
+    required sections (with how to give them)."""
+    if message.startswith("unrecognized arguments:"):
+        first = message.split(":", 1)[1].split()[0]
+        hint = registry.suggest(first.split("=", 1)[0], options)
+        return f"unknown option {first}{'; ' + hint if hint else ''} (see `drifting fit --help`)"
+    if message.startswith("the following arguments are required:"):
+        return f"{message.strip()}: give them in a config, e.g. --config configs/toy/checkerboard.yaml (see configs/)"
+    return None
+
+
+def instantiation_error(err: BaseException, config: Any) -> BaseException | None:
+    """For an error raised while jsonargparse built the classes of ``config``: the root error, as one line that
+    names the config key of the class whose constructor refused its arguments (``model.loss: temperatures must
+    be ...``); None when ``err`` is not such an error."""
+    chain = list(_chain(err))
+    classes = [m.group(1) for e in chain if (m := _GIVEN_CLASS.search(str(e)))]
+    root = chain[-1]
+    if not classes or root is err:
+        return None
+    tree = config.as_dict() if hasattr(config, "as_dict") else config
+    found = list(_find_class(tree, classes[-1], []))
+    where = found[0] if len(found) == 1 else classes[-1].rsplit(".", 1)[-1]
+    return ValueError(f"{where}: {str(root).strip()}") if isinstance(root, (ValueError, TypeError)) else root
+
+
+def _find_class(node: Any, class_path: str, keys: list[str]) -> Iterator[str]:
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    if isinstance(node, dict) and node.get("class_path") == class_path:
+        yield ".".join(keys)
+    for k, v in items:
+        if isinstance(v, (dict, list)):
+            yield from _find_class(v, class_path, keys + ([] if k == "init_args" else [str(k)]))

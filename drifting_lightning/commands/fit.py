@@ -1,0 +1,184 @@
+"""``drifting fit``: LightningCLI with any LightningModule / LightningDataModule picked by class name in the config.
+
+What it adds to LightningCLI: errors of one line that name the key, the value and the fix (``config_errors``);
+``resilience: true`` (shown by ``--print_config`` and in the saved config): keep ``last.ckpt``, write checkpoints
+atomically, keep the training RNG in checkpoints, stop cleanly on SIGTERM/Ctrl-C (``harden_trainer``); run folders
+that never lose an earlier run (``run_folder``); a progress bar in steps; a console without Lightning's advice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning.pytorch as pl
+import yaml
+from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+
+from drifting_lightning import registry
+from drifting_lightning.callbacks.progress import StepProgressBar
+from drifting_lightning.checkpoints.resume import harden_trainer, resolve_ckpt_path, resolve_last_checkpoint
+from drifting_lightning.commands import UsageError
+from drifting_lightning.commands.config_errors import argparse_error, instantiation_error, parse_error
+from drifting_lightning.commands.run_folder import RunConfigCallback, remove_failed_start
+
+RESILIENCE_HELP = (
+    "Make the run resumable, as every `drifting fit` is unless this is false: a ModelCheckpoint keeps last.ckpt "
+    "(one is added, or save_last turned on), AtomicCheckpointIO writes checkpoints atomically, TrainingRNG keeps "
+    "the training random state in them, GracefulStop turns SIGTERM/Ctrl-C into checkpoint-and-exit. A Trainer "
+    "built in Python gets the same from drifting_lightning.checkpoints.resume.harden_trainer."
+)
+
+
+class DriftingArgumentParser(LightningArgumentParser):
+    """A parse error of the whole command line is one line naming the key, the value and the choices
+    (``DRIFTING_DEBUG=1``: jsonargparse's full report). Nested parsers (one per component) keep jsonargparse's
+    errors: the outermost one reads their chain."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error or os.environ.get("DRIFTING_DEBUG"):
+            return super().error(message, ex)
+        options = [o for action in self._actions for o in action.option_strings]
+        short = parse_error(message, ex) or argparse_error(message, options) or message.strip()
+        raise UsageError(short) from ex
+
+
+class DriftingCLI(LightningCLI):
+    """LightningCLI with any LightningModule / LightningDataModule selected by class name in the config; ``fit``
+    is its one subcommand (the module has no validation, test or predict step)."""
+
+    def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
+        registry.load_components()
+        super().__init__(
+            model_class=pl.LightningModule,
+            datamodule_class=pl.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            parser_class=DriftingArgumentParser,
+            save_config_callback=RunConfigCallback,
+            trainer_defaults={"gradient_clip_val": 2.0, "default_root_dir": "runs"},
+            save_config_kwargs={"overwrite": True},
+            args=None if args is None else list(args),
+            run=run,
+        )
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {"fit": LightningCLI.subcommands()["fit"]}
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--resilience", type=bool, default=True, help=RESILIENCE_HELP)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            resolve_ckpt_path(self.config[subcommand])
+
+    def before_instantiate_classes(self) -> None:
+        # "last" is resolved after LightningCLI took the model's hyper-parameters from a checkpoint given by path:
+        # a resume from last.ckpt runs with the config on the command line (its tensors checked against the checkpoint).
+        if self.subcommand == "fit":
+            resolve_last_checkpoint(self.config.fit)
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as err:
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            short = instantiation_error(err, config)
+            if short is None or os.environ.get("DRIFTING_DEBUG"):
+                raise
+            raise short from None  # DRIFTING_DEBUG=1 raises the whole chain above
+
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> pl.Trainer:
+        # A progress bar in steps by default, unless the run disables bars or configures its own.
+        configured = config.get("callbacks") or []
+        has_bar = any(isinstance(c, ProgressBar) for c in [*configured, *callbacks])
+        if config.get("enable_progress_bar", True) is not False and not has_bar:
+            callbacks = [*callbacks, StepProgressBar()]
+        section = self.config.get(self.subcommand) if self.subcommand else self.config
+        if section is None or section.get("resilience", True):
+            callbacks = [*callbacks, *harden_trainer(config)]
+        return super()._instantiate_trainer(config, callbacks)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        # Rank 0 creates the run folder; when the run fails before its first step, it removes the folder again.
+        trainer = self.trainer
+        folder = Path(trainer.log_dir or trainer.default_root_dir) if trainer.is_global_zero else None
+        created = folder is not None and not folder.exists()
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException as err:
+            if created:
+                remove_failed_start(trainer, folder)
+            # Lightning answers a Ctrl-C before training starts (GracefulStop handles it after) with exit(1).
+            if isinstance(err, SystemExit) and isinstance(err.__context__, KeyboardInterrupt):
+                raise KeyboardInterrupt from None
+            raise
+
+
+def check_config_files(argv: Sequence[str]) -> None:
+    """Every ``--config``/``-c`` file exists and is valid YAML; the error names the file and the line."""
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        else:
+            continue
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"config file {path} does not exist (see configs/ for the shipped ones)")
+        with open(path) as f:
+            try:
+                yaml.safe_load(f)
+            except yaml.YAMLError as err:
+                raise ValueError(f"config file {path} is not valid YAML: {err}") from None
+
+
+def quiet_console() -> None:
+    """Silence what tells a `drifting fit` user nothing they can act on, each by its exact message."""
+    quiet = (
+        # `drifting` passes its argv to LightningCLI on purpose.
+        r"LightningCLI's args parameter is intended to run from within Python",
+        # A deprecation inside Lightning's own use of torch's pytree.
+        r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        # A resume writes into its own checkpoint folder; a new run into a used one is refused (run_folder).
+        r"Checkpoint directory .* exists and is not empty",
+    )
+    for message in quiet:
+        warnings.filterwarnings("ignore", message=message)
+    for handler in logging.getLogger("lightning.pytorch").handlers:
+        if not any(isinstance(f, _Quiet) for f in handler.filters):
+            handler.addFilter(_Quiet())
+
+
+class _Quiet(logging.Filter):
+    """Drops Lightning's log lines that a `drifting fit` user cannot act on, each by its exact text."""
+
+    QUIET = re.compile(
+        r"💡 Tip: For seamless cloud logging"  # an advertisement, at every start
+        r"|`weights_only` was not set, defaulting to `False`"  # GracefulStop's checkpoint on SIGTERM/Ctrl-C
+        r"|(\[rank: \d+\] )?Received SIGTERM: \d+"  # says SIGTERM for a Ctrl-C; GracefulStop names the signal
+        r"|\s*Detected KeyboardInterrupt, attempting graceful shutdown"  # `drifting` prints "interrupted"
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.QUIET.match(record.getMessage())
+
+
+def main(argv: Sequence[str]) -> int:
+    """``drifting fit ARGS``; returns the exit status (errors: the policy of ``drifting_lightning.commands``)."""
+    quiet_console()
+    check_config_files(argv)
+    try:
+        DriftingCLI(args=["fit", *argv])
+    except SystemExit as exit_:  # --help, --print_config, a SIGTERM stop (GracefulStop sets the code)
+        code = exit_.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    return 0

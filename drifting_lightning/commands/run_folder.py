@@ -1,0 +1,64 @@
+"""The run folder of ``drifting fit``: never lose an earlier run, never leave an empty one behind.
+
+- A resume keeps the run's ``config.yaml`` and writes its own config beside it (``config.resume-1.yaml``, ...).
+- A new run refuses a folder that holds checkpoints of an earlier run (with ``--trainer.logger false`` every run
+  writes to ``<default_root_dir>/checkpoints``): it says how to resume that run or where to start this one. Refusing
+  is less surprising than a folder per run: ``--ckpt_path last`` keeps finding the checkpoints where the user left
+  them, and nothing is overwritten silently.
+- A run that fails before its first step removes the folder it created (``remove_failed_start``).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import lightning.pytorch as pl
+from lightning.pytorch.cli import SaveConfigCallback
+
+
+class RunConfigCallback(SaveConfigCallback):
+    """LightningCLI's SaveConfigCallback, with the folder rules above."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not self.already_saved and self.save_to_log_dir:
+            log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective call: every rank makes it
+            decision: tuple[str, str | None] = (self.config_filename, None)
+            if trainer.is_global_zero:
+                # ckpt_path of the parsed config ("last" already resolved): the trainer learns it after setup.
+                decision = _decide(trainer, log_dir, self.config_filename, bool(self.config.get("ckpt_path")))
+            self.config_filename, problem = trainer.strategy.broadcast(decision)
+            if problem:
+                raise ValueError(problem)
+        super().setup(trainer, pl_module, stage)
+
+
+def _decide(trainer: pl.Trainer, log_dir: Path, filename: str, resumed: bool) -> tuple[str, str | None]:
+    """(the config file name of this run, the reason to refuse the folder or None)."""
+    if resumed:
+        stem, suffix = Path(filename).stem, Path(filename).suffix
+        k = 1
+        while (log_dir / f"{stem}.resume-{k}{suffix}").exists():
+            k += 1
+        return (f"{stem}.resume-{k}{suffix}" if (log_dir / filename).exists() else filename), None
+    folders = {Path(c.dirpath) for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)}
+    folders.add(log_dir / "checkpoints")
+    found = sorted(p for folder in folders if folder.is_dir() for p in folder.glob("*.ckpt"))
+    if not found:
+        return filename, None
+    shown = ", ".join(str(p) for p in found[:3]) + (f" (+{len(found) - 3} more)" if len(found) > 3 else "")
+    return filename, (
+        f"{shown}: checkpoint(s) of an earlier run, which this new run would overwrite: resume that run with "
+        "--ckpt_path last, or start this one in another folder with --trainer.default_root_dir <new folder> (or with a "
+        "logger, which makes a version folder per run)"
+    )
+
+
+def remove_failed_start(trainer: pl.Trainer, folder: Path) -> None:
+    """Remove ``folder`` (created by this run) when the run ended before its first step and wrote no checkpoint:
+    nothing in it is worth keeping, and empty version folders make ``--ckpt_path last`` and TensorBoard harder to
+    read. A run that got further keeps everything."""
+    if trainer.global_step > 0 or not folder.is_dir():
+        return
+    if not any(folder.rglob("*.ckpt")):
+        shutil.rmtree(folder, ignore_errors=True)
