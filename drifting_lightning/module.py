@@ -121,9 +121,8 @@ class DriftingModule(pl.LightningModule):
             return self._handle_nonfinite("the drift loss", stats)
         self.log("train/loss", out.loss, prog_bar=True)
         self.log_dict({f"drift/{k}": v for k, v in out.stats.items()})
-        for tau in self.loss.temperatures:
-            total = sum(v for k, v in out.stats.items() if k.endswith(f"drift_sq_norm/tau{tau:g}"))
-            self.log(f"train/drift_sq_norm_tau{tau:g}", total, prog_bar=tau == self.loss.temperatures[-1])
+        for tau, sq_norm in zip(self.loss.temperatures, out.drift_sq_norm, strict=True):
+            self.log(f"train/drift_sq_norm_tau{tau:g}", sq_norm, prog_bar=tau == self.loss.temperatures[-1])
         if alpha is not None:
             self.log("train/alpha_mean", alpha.mean())
         self.log("train/generated_per_step", float(groups * n))
