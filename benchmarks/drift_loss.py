@@ -35,7 +35,7 @@ without gradient the same way (baseline and peak mark reset again after the grad
 working set alone, with no force buffer. Freed blocks that the C allocator keeps for reuse instead of returning
 them (blocks under its mmap threshold, 32 MiB at most) are not counted again by this second baseline.
 
-Chunk budget: ``drifting_lightning.drift.loss.chunk_budget_bytes``, the bound the DriftingLoss docstring states:
+Chunk budget: ``drifting_lightning.drift.chunks.chunk_budget_bytes``, the bound that module's docstring states:
 rows = max_chunk_elements // (N T) rows per chunk, each holding at most 3 [N, T] float32 matrices (distances, the
 sum of the temperatures' coefficients, one temperature's logits turned into coefficients) and (T + N) C float32
 values (centred targets, one V or the chunk's force): 4 B x rows x (3 N T + (T + N) C).
@@ -221,7 +221,7 @@ def _cpu_model() -> str:
 def _engine_version() -> str:
     drift = ROOT / "drifting_lightning" / "drift"
     digest = hashlib.sha256()
-    for name in ("functional.py", "fields.py", "kernels.py", "loss.py", "reference.py"):
+    for name in ("chunks.py", "functional.py", "fields.py", "kernels.py", "loss.py", "reference.py"):
         digest.update((drift / name).read_bytes())
     return digest.hexdigest()[:12]
 
@@ -298,19 +298,19 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {c} | {ms(e)} | {ms(lit)} | {lit['time'] / e['time']:.1f}x "
               f"| {mb(e['extra'])} | {mb(lit['extra'])} |", flush=True)
 
+    if not locations:
+        return
     sys.path.insert(0, str(ROOT))  # the engine's own definition of the budget, also when not installed
-    from drifting_lightning.drift.loss import LIVE_MATRICES, chunk_budget_bytes
+    from drifting_lightning.drift.chunks import LIVE_MATRICES, chunk_budget_bytes
 
     c = 16 if quick else 256
     n, t = shape["N"], shape["N"] + shape["M"] + shape["P"]
     budget = chunk_budget_bytes(chunk, n, t, c)
     rows_per_chunk = max(1, chunk // (n * t))
-    if not locations:
-        return
     print(f"\nPer-location feature map, C={c}, gen [G, N, L, C] with G={shape['G']}, max_chunk_elements={chunk:,}: "
           f"chunks of <= {rows_per_chunk:,} rows, chunk budget {mb(budget)} MB = 4 B x rows x ({LIVE_MATRICES} N T "
           f"+ (T + N) C) "
-          f"with N={n}, T={t} (DriftingLoss docstring). Peak extra: over the inputs, of forward + backward (the "
+          f"with N={n}, T={t} (drift/chunks.py docstring). Peak extra: over the inputs, of forward + backward (the "
           "gradient, gen's size, is part of it) and of one forward without gradient (no force buffer)\n")
     print("| G x L rows | ms (range) | rows/s | inputs MB | gen = gradient MB | peak extra MB | extra - gradient MB "
           "| (extra - gradient) / budget | forward without gradient: peak extra MB | forward / budget |")

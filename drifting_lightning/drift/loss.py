@@ -24,15 +24,12 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from drifting_lightning.drift.chunks import LIVE_MATRICES, Chunk, RowWalk, chunk_budget_bytes
+from drifting_lightning.drift.chunks import Chunk, RowWalk
 from drifting_lightning.drift.fields import DriftField, MeanShift
 from drifting_lightning.drift.functional import is_temperature, mask_self_pairs
 from drifting_lightning.drift.kernels import Kernel, Laplace
 
 FeatureDict = Mapping[str, Tensor]
-
-__all__ = ["LIVE_MATRICES", "DriftLossOutput", "DriftingLoss", "chunk_budget_bytes"]
-
 
 @dataclass
 class DriftLossOutput:
