@@ -275,7 +275,9 @@ class DriftingLoss(nn.Module):
                 w_sum = None
                 for k, coef in enumerate(self._coefficients(walk, ch, st)):
                     if not self.drift_normalization:  # the statistics still need each temperature's own V
-                        st.raw_sq[k].index_add_(0, ch.stat_ids, _sq_norms(_field(coef.clone(), ch.targets, walk.n)))
+                        # _field folds -rowsum(W) into W's diagonal, which leaves W's rows summing to 0: the folded
+                        # W still sums into the same force, so no copy of it is needed
+                        st.raw_sq[k].index_add_(0, ch.stat_ids, _sq_norms(_field(coef, ch.targets, walk.n)))
                     f_rows = _per_row(factor[k], ch)
                     w_sum = coef.mul_(f_rows) if w_sum is None else w_sum.addcmul_(coef, f_rows)
                     del coef
