@@ -6,8 +6,8 @@ and per chunk works on [rows, N, T] float32 matrices.
 
 Memory (the one place it is explained). ``max_chunk_elements`` bounds rows x N x T, the elements of ONE such
 matrix. Per chunk at most ``LIVE_MATRICES`` = 3 are alive: the distances, one temperature's logits that the field
-turns into coefficients in place (with its normalisers, vectors) and the running sum of the temperatures'
-coefficients in the last pass (or a second exponential in ``MeanShift``'s one-exp path, never both), plus
+turns into coefficients in place (its normalisers are vectors) and the running sum of the temperatures'
+coefficients when the force needs a pass of its own, plus
 (T + N) C float32 values per row: the centred targets [rows, T, C] and one field [rows, N, C]. So a chunk
 needs at most ``chunk_budget_bytes`` = 4 B x rows x (3 N T + (T + N) C). Beyond the chunks the loss holds one float32
 force buffer the size of the generated features (it becomes the gradient in place) and per-row vectors. What may
@@ -15,7 +15,7 @@ outlive a chunk, to save recomputation:
 - every chunk's targets and distances (pass 1 to pass 2), when all R rows' distances fit in one bound
   (R N T <= max_chunk_elements, or no bound): then the whole feature is no larger than one chunk would be;
 - every temperature's field V (pass 2 to the force), when they fit in one bound (len(taus) R N C <=
-  max_chunk_elements, or no bound): then there is no third pass over the distances.
+  max_chunk_elements, or no bound): at most max_chunk_elements more float32 values, and no third pass.
 Without a bound, chunks on the CPU hold ``CACHE_ELEMENTS`` (the matrix passes then stay near the cache); on a GPU
 one chunk holds every row (fewer, larger kernels).
 """
