@@ -4,6 +4,20 @@
     python benchmarks/drift_loss.py --quick      # smoke test at toy sizes
     python benchmarks/drift_loss.py --device cuda
     python benchmarks/drift_loss.py --channels --locations 1024 --repeats 1   # one size, per-location table only
+    python benchmarks/drift_loss.py --official /tmp/official/drift_loss.py --threads 1 --channels --locations
+                                                 # ours against the authors' loss only (issue 18's table)
+
+Against the authors' loss (``--official PATH``): their ``drift_loss.py`` from a snapshot of github lambertae/drifting
+(``git clone https://github.com/lambertae/drifting /tmp/official``), run as it is under ``jax.jit`` in a JAX venv
+(``python3 -m venv /tmp/jaxvenv && /tmp/jaxvenv/bin/pip install jax einops numpy``; ``--jax-python`` names another
+interpreter). Their code is loaded from PATH, never copied; the one shim: ``jnp.clip`` accepts the ``a_min``/``a_max``
+keywords that their code uses and JAX >= 0.6 removed. Table 3, forward + backward at issue 18's shapes (G = 64 groups,
+N = 64, P = 64, M = 16 weighted negatives, temperatures 0.02/0.05/0.2): C = 256 and 1024 with one global feature;
+L = 16 (C = 256) and L = 64 (C = 128) locations, folded into the groups for theirs ([G L, N, C], as their code does)
+and given as [G, N, L, C] to ours (no bound, the default). Every case runs in a fresh process, ours and theirs
+alternating, ``--rounds`` rounds (default 3); each cell is the best of its rounds, each round the median of
+``--repeats`` runs after one warm-up (compilation). With ``--threads 1`` both run on one thread (XLA's Eigen pool off)
+and the clock is the process's CPU time, which a shared machine disturbs least. Skipped when PATH does not exist.
 
 Two tables, forward + backward of one feature with 3 temperatures, median of several runs after one warm-up:
 1. the paper's ablation shape (G = 64 groups, N = 64 generated, P = 64 positives, M = 16 extra negatives) for
@@ -21,7 +35,7 @@ without gradient the same way (baseline and peak mark reset again after the grad
 working set alone, with no force buffer. Freed blocks that the C allocator keeps for reuse instead of returning
 them (blocks under its mmap threshold, 32 MiB at most) are not counted again by this second baseline.
 
-Chunk budget: ``drifting_lightning.drift.loss.chunk_budget_bytes``, the bound the DriftingLoss docstring states:
+Chunk budget: ``drifting_lightning.drift.chunks.chunk_budget_bytes``, the bound that module's docstring states:
 rows = max_chunk_elements // (N T) rows per chunk, each holding at most 3 [N, T] float32 matrices (distances, the
 sum of the temperatures' coefficients, one temperature's logits turned into coefficients) and (T + N) C float32
 values (centred targets, one V or the chunk's force): 4 B x rows x (3 N T + (T + N) C).
@@ -114,14 +128,16 @@ def worker(spec: dict) -> dict:
 
     times = []
 
+    now = time.process_time if spec.get("clock") == "cpu" else time.perf_counter
+
     def timed_runs():
         for i in range(spec["repeats"] + 1):
             gen.grad = None
-            start = time.perf_counter()
+            start = now()
             step()
             sync()
             if i:  # the first run warms up
-                times.append(time.perf_counter() - start)
+                times.append(now() - start)
 
     extra = peak_extra(timed_runs)
     forward = None
@@ -134,10 +150,47 @@ def worker(spec: dict) -> dict:
             "inputs": input_bytes, "gen": gen.numel() * gen.element_size(), "torch_threads": torch.get_num_threads()}
 
 
-def run_case(spec: dict) -> dict:
+def official_worker(spec: dict) -> dict:
+    """One case of the authors' loss, in the JAX venv: forward + backward of their jitted drift_loss."""
+    import importlib.util
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    clip = jnp.clip
+
+    def clip_with_old_keywords(x, min=None, max=None, *, a_min=None, a_max=None):  # noqa: A002 (jnp's names)
+        return clip(x, min if a_min is None else a_min, max if a_max is None else a_max)
+
+    jnp.clip = clip_with_old_keywords
+    module_spec = importlib.util.spec_from_file_location("official_drift_loss", spec["official"])
+    official = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(official)
+    rng = np.random.default_rng(0)
+    b, n, p, m, c = spec["G"] * (spec["L"] or 1), spec["N"], spec["P"], spec["M"], spec["C"]
+    gen = jnp.asarray(rng.standard_normal((b, n, c), dtype=np.float32))
+    pos = jnp.asarray(rng.standard_normal((b, p, c), dtype=np.float32) + 0.5)
+    neg = jnp.asarray(rng.standard_normal((b, m, c), dtype=np.float32))
+    w = jnp.asarray(rng.random((b, m), dtype=np.float32))
+    grad = jax.jit(jax.grad(lambda g: official.drift_loss(g, pos, neg, weight_neg=w, R_list=TEMPERATURES)[0].mean()))
+    now = time.process_time if spec["clock"] == "cpu" else time.perf_counter
+    times = []
+    for i in range(spec["repeats"] + 1):
+        start = now()
+        grad(gen).block_until_ready()
+        if i:  # the first run compiles
+            times.append(now() - start)
+    return {**spec, "time": statistics.median(times), "times": times}
+
+
+def run_case(spec: dict, python: str = sys.executable, flag: str = "--worker") -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    if flag == "--official-worker" and spec["threads"] == 1:
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
+                            "intra_op_parallelism_threads=1").strip()
     out = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, env=env, check=False
+        [python, __file__, flag, json.dumps(spec)], capture_output=True, text=True, env=env, check=False
     )
     if out.returncode != 0:
         return {**spec, "error": (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]}
@@ -168,7 +221,7 @@ def _cpu_model() -> str:
 def _engine_version() -> str:
     drift = ROOT / "drifting_lightning" / "drift"
     digest = hashlib.sha256()
-    for name in ("functional.py", "fields.py", "kernels.py", "loss.py", "reference.py"):
+    for name in ("chunks.py", "functional.py", "fields.py", "kernels.py", "loss.py", "reference.py"):
         digest.update((drift / name).read_bytes())
     return digest.hexdigest()[:12]
 
@@ -184,7 +237,7 @@ def mb(nbytes: float) -> str:
     return f"{value:,.0f}" if value >= 100 else f"{value:.2g}"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="toy sizes, two repeats: a smoke test")
     parser.add_argument("--device", default="cpu")
@@ -196,10 +249,18 @@ def main() -> None:
                         help="C of the ablation table (default 64 256 1024, quick 16; the flag alone skips it)")
     parser.add_argument("--locations", type=int, nargs="*", default=None,
                         help="L of the per-location table (default 64 256 1024, quick 4; the flag alone skips it)")
+    parser.add_argument("--official", type=Path, default=None,
+                        help="the authors' drift_loss.py (a lambertae/drifting snapshot): adds table 3, ours vs theirs")
+    parser.add_argument("--jax-python", default="/tmp/jaxvenv/bin/python", help="interpreter with jax for --official")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of table 3 (best of them)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    parser.add_argument("--official-worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
+        return
+    if args.official_worker:
+        print(json.dumps(official_worker(json.loads(args.official_worker))))
         return
 
     quick = args.quick
@@ -218,6 +279,8 @@ def main() -> None:
     print(f"drift loss benchmark, {time.strftime('%Y-%m-%d %H:%M')}, device {args.device} ({where}), "
           f"torch {metadata.version('torch')}, engine {_engine_version()}")
     print(f"forward + backward, temperatures {TEMPERATURES}, median of {repeats} runs after 1 warm-up\n")
+    if args.official is not None:
+        official_table(args, shape, repeats)
 
     if channels:
         print(f"Ablation shape G={shape['G']}, N={shape['N']}, P={shape['P']}, M={shape['M']} (one [G, N, C] feature)"
@@ -235,19 +298,19 @@ def main() -> None:
         print(f"| {c} | {ms(e)} | {ms(lit)} | {lit['time'] / e['time']:.1f}x "
               f"| {mb(e['extra'])} | {mb(lit['extra'])} |", flush=True)
 
+    if not locations:
+        return
     sys.path.insert(0, str(ROOT))  # the engine's own definition of the budget, also when not installed
-    from drifting_lightning.drift.loss import LIVE_MATRICES, chunk_budget_bytes
+    from drifting_lightning.drift.chunks import LIVE_MATRICES, chunk_budget_bytes
 
     c = 16 if quick else 256
     n, t = shape["N"], shape["N"] + shape["M"] + shape["P"]
     budget = chunk_budget_bytes(chunk, n, t, c)
     rows_per_chunk = max(1, chunk // (n * t))
-    if not locations:
-        return
     print(f"\nPer-location feature map, C={c}, gen [G, N, L, C] with G={shape['G']}, max_chunk_elements={chunk:,}: "
           f"chunks of <= {rows_per_chunk:,} rows, chunk budget {mb(budget)} MB = 4 B x rows x ({LIVE_MATRICES} N T "
           f"+ (T + N) C) "
-          f"with N={n}, T={t} (DriftingLoss docstring). Peak extra: over the inputs, of forward + backward (the "
+          f"with N={n}, T={t} (drift/chunks.py docstring). Peak extra: over the inputs, of forward + backward (the "
           "gradient, gen's size, is part of it) and of one forward without gradient (no force buffer)\n")
     print("| G x L rows | ms (range) | rows/s | inputs MB | gen = gradient MB | peak extra MB | extra - gradient MB "
           "| (extra - gradient) / budget | forward without gradient: peak extra MB | forward / budget |")
@@ -279,6 +342,48 @@ def main() -> None:
     threads = previous["torch_threads"] if previous else "?"
     print(f"\ntorch threads {threads}" + (f", load average {os.getloadavg()[0]:.1f} at the end; peak extra = ru_maxrss "
           "after the runs - RSS after allocating the inputs (peak mark reset there)" if args.device == "cpu" else ""))
+
+
+# Issue 18's rows: (C, L); L None is one global feature.
+OFFICIAL_ROWS = [(256, None), (1024, None), (256, 16), (128, 64)]
+
+
+def official_table(args: argparse.Namespace, shape: dict, repeats: int) -> list[dict]:
+    """Table 3: ours against the authors' loss, interleaved; prints it and returns its rows."""
+    rows = [(16, None), (8, 4)] if args.quick else OFFICIAL_ROWS
+    if not args.official.exists() or not Path(args.jax_python).exists():
+        print(f"Against the authors' loss: skipped ({args.official} or {args.jax_python} not found; see the docstring)"
+              "\n")
+        return []
+    clock = "cpu" if args.threads == 1 else "wall"
+    common = dict(device="cpu", threads=args.threads, repeats=repeats, clock=clock, official=str(args.official))
+    best: dict[tuple, dict] = {}
+    for _ in range(args.rounds):
+        for c, loc in rows:
+            for impl in ("engine", "official"):
+                spec = {**common, **shape, "C": c, "L": loc, "chunk": None, "impl": impl}
+                r = run_case(spec, args.jax_python, "--official-worker") if impl == "official" else run_case(spec)
+                prev = best.get((c, loc, impl))
+                if prev is None or ("error" not in prev and ("error" in r or r["time"] < prev["time"])):
+                    best[(c, loc, impl)] = r  # an error sticks: its row reports it
+    threads = "1 thread each, CPU time" if args.threads == 1 else f"threads {args.threads or 'default'}, wall time"
+    print(f"Against the authors' loss ({args.official}, jax.jit, XLA CPU), G={shape['G']}, N={shape['N']}, "
+          f"P={shape['P']}, M={shape['M']}; {threads}; best of {args.rounds} interleaved rounds, each the median of "
+          f"{repeats} runs; load average {os.getloadavg()[0]:.1f} at the end\n")
+    print("| shape | authors' drift_loss.py ms | ours, DriftingLoss ms | theirs / ours |")
+    print("|---|---:|---:|---:|")
+    out = []
+    for c, loc in rows:
+        theirs, ours = best[(c, loc, "official")], best[(c, loc, "engine")]
+        name = f"one global feature, C = {c}" if loc is None else f"per-location, L = {loc}, C = {c}"
+        if "error" in theirs or "error" in ours:
+            print(f"| {name} | {theirs.get('error', '')} | {ours.get('error', '')} | |")
+            continue
+        ratio = theirs["time"] / ours["time"]
+        print(f"| {name} | {theirs['time'] * 1e3:,.1f} | {ours['time'] * 1e3:,.1f} | {ratio:.2f}x |", flush=True)
+        out.append({"C": c, "L": loc, "theirs": theirs["time"], "ours": ours["time"], "ratio": ratio})
+    print()
+    return out
 
 
 if __name__ == "__main__":

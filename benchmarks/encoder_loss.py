@@ -21,7 +21,7 @@ Each measurement runs in a fresh process (peak memory: see benchmarks/measure.py
   the loss and the encoder to the generated samples. The backward column is the encoder's backward plus the loss's
   own, a single multiply (``_DriftMSE``);
 - loss alone: the loss forward + backward on random features of the encoder's shapes, against the engine's stated
-  bound (DriftingLoss docstring): one float32 force buffer the size of the generated features, which becomes their
+  bound (drift/chunks.py docstring): one float32 force buffer the size of the generated features, which becomes their
   gradient, plus one chunk's working memory (``chunk_budget_bytes``, the largest over the feature sets).
 """
 
@@ -40,7 +40,7 @@ from measure import CLOCKS, ROOT, PeakMemory, engine_version, machine, mb, ms, r
 sys.path.insert(0, str(ROOT))
 
 from drifting_lightning.checkpoints.loading import read_run_config  # noqa: E402
-from drifting_lightning.drift.loss import chunk_budget_bytes  # noqa: E402
+from drifting_lightning.drift.chunks import chunk_budget_bytes  # noqa: E402
 from drifting_lightning.export import import_class  # noqa: E402
 from drifting_lightning.module import _grouped  # noqa: E402
 

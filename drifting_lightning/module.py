@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
 from torch import Tensor
+from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
 from drifting_lightning.checkpoints.states import check_state_fits
 from drifting_lightning.drift.loss import DriftingLoss
@@ -22,6 +22,7 @@ from drifting_lightning.encoders.base import FeatureEncoder, Identity
 from drifting_lightning.fit_checks import check_generator_fits_data
 from drifting_lightning.models.base import Generator
 from drifting_lightning.parallel import clip_fsdp_gradients, full_parameters, shard_fsdp2, wrap_fsdp
+from drifting_lightning.rng import torch_generator
 from drifting_lightning.sampling.guidance import GuidanceSampler, guidance_weight
 
 # The frozen encoder and the EMA copy are in eval mode on purpose; Lightning warns about any module in eval mode.
@@ -43,7 +44,8 @@ class DriftingModule(pl.LightningModule):
     id) of the VAE whose latents the generator makes; it adds ``decode_samples`` for grids and metrics.
     nonfinite: "stop" (save ``nonfinite-step<k>.ckpt`` with the last finite weights and raise) or "skip" (skip the
     step) on a NaN/Inf loss or gradient (gradients are checked before clipping, except under 16-mixed, whose gradient
-    scaler skips such steps itself).
+    scaler skips such steps itself). Under "skip", ``max_consecutive_skips`` skipped steps in a row stop the run as
+    "stop" does, and the end of training prints how many steps were skipped.
     compile: parts to ``torch.compile`` (``nn.Module.compile``, in place: checkpoints keep their keys), any of
     "generator", "loss". float32_matmul_precision: ``torch.set_float32_matmul_precision`` for the run; "auto" is
     "high" (TF32) on CUDA and leaves other devices alone. The drift loss always runs at "highest".
@@ -64,6 +66,7 @@ class DriftingModule(pl.LightningModule):
         warmup_steps: int = 0,
         ema_decay: float = 0.999,
         nonfinite: Literal["stop", "skip"] = "stop",
+        max_consecutive_skips: int = 10,
         vae: str | None = None,
         vae_allow_hub: bool = False,
         vae_dtype: str = "float32",
@@ -78,6 +81,8 @@ class DriftingModule(pl.LightningModule):
             raise ValueError(f"ema_decay must lie in [0, 1), got {ema_decay}")
         if nonfinite not in ("stop", "skip"):
             raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
+        if max_consecutive_skips < 1:
+            raise ValueError(f"max_consecutive_skips must be >= 1, got {max_consecutive_skips}")
         if not set(compile) <= {"generator", "loss"}:
             raise ValueError(f"compile takes 'generator' and/or 'loss', got {list(compile)}")
         if float32_matmul_precision not in ("auto", "highest", "high", "medium"):
@@ -97,6 +102,10 @@ class DriftingModule(pl.LightningModule):
         self._step_started = 0.0
         self._step_sizes = (0, 0, 0)  # class groups, N_pos, N_unc of the current step, for the out-of-memory advice
         self._noise_seed: int | None = None  # base of the per-group noise streams, set by on_fit_start
+        self._group_generator: torch.Generator | None = None  # re-seeded for every class group's stream
+        self._grad_norm: Tensor | None = None  # this step's global gradient norm, for the check and the clipping
+        self._skipped = False  # this step was skipped (nonfinite="skip")
+        self._skips = self._skips_in_a_row = self._steps = 0  # of this fit
         if vae is not None:
             # Latent run: grids, FID and `drifting sample` decode through this. An instance attribute, so that
             # hasattr(module, "decode_samples") tells latent modules from pixel ones.
@@ -129,9 +138,8 @@ class DriftingModule(pl.LightningModule):
             return self._handle_nonfinite("the drift loss", stats)
         self.log("train/loss", out.loss, prog_bar=True)
         self.log_dict({f"drift/{k}": v for k, v in out.stats.items()})
-        for tau in self.loss.temperatures:
-            total = sum(v for k, v in out.stats.items() if k.endswith(f"drift_sq_norm/tau{tau:g}"))
-            self.log(f"train/drift_sq_norm_tau{tau:g}", total, prog_bar=tau == self.loss.temperatures[-1])
+        for tau, sq_norm in zip(self.loss.temperatures, out.drift_sq_norm, strict=True):
+            self.log(f"train/drift_sq_norm_tau{tau:g}", sq_norm, prog_bar=tau == self.loss.temperatures[-1])
         if alpha is not None:
             self.log("train/alpha_mean", alpha.mean())
         self.log("train/generated_per_step", float(groups * n))
@@ -141,31 +149,43 @@ class DriftingModule(pl.LightningModule):
         self, groups: int, n: int, use_guidance: bool, batch_idx: int
     ) -> tuple[Tensor | None, dict[str, Tensor]]:
         """alpha [groups] (None without guidance) and the generator's inputs for groups * n samples. Class group g of
-        this rank is group rank * groups + g of the global batch and draws from its own generator, seeded by (seed,
-        step, batch_idx, global group): ranks never share noise, a resume replays it, and the global batch does not
-        depend on how many ranks split it."""
+        this rank is group rank * groups + g of the global batch and draws from its own stream, keyed by (seed,
+        step, batch_idx, global group) (``drifting_lightning.rng``): ranks never share noise, a resume replays it,
+        and the global batch does not depend on how many ranks split it. One generator, re-seeded per group."""
         seed = torch.initial_seed() if self._noise_seed is None else self._noise_seed
+        if self._group_generator is None or self._group_generator.device != self.device:
+            self._group_generator = torch.Generator(device=self.device)
         first = self.global_rank * groups
         alphas, draws = [], []
         for g in range(first, first + groups):
-            state = np.random.SeedSequence([seed, self.global_step, batch_idx, g]).generate_state(2, dtype=np.uint32)
-            gen = torch.Generator(device=self.device).manual_seed(int(state[0]) << 32 | int(state[1]))
+            gen = torch_generator(seed, self.global_step, batch_idx, g, reuse=self._group_generator)
             if use_guidance:
                 alphas.append(self.guidance.sample(1, device=self.device, generator=gen))
             draws.append(self.generator.draw_inputs(n, device=self.device, generator=gen))
         inputs = {k: torch.cat([d[k] for d in draws]) for k in draws[0]}
         return (torch.cat(alphas) if use_guidance else None), inputs
 
+    def on_train_end(self) -> None:
+        if self._skips:
+            self.print(f"[drifting] {self._skips} of {self._steps} steps skipped (NaN/Inf, model.nonfinite=skip)")
+
     def on_fit_start(self) -> None:
         check_generator_fits_data(self.ema_generator, self.trainer.datamodule)  # the EMA copy is never wrapped
+        self._skips = self._skips_in_a_row = self._steps = 0
         # Rank 0's seed (the one seed_everything set) for every rank's group streams.
         self._noise_seed = self.trainer.strategy.broadcast(torch.initial_seed())
 
     def _handle_nonfinite(self, what: str, summary: str) -> None:
         step = self.global_step
         if self.hparams.nonfinite == "skip":
+            self._skipped = True
+            self._skips += 1
+            self._skips_in_a_row += 1
             self.print(f"[drifting] NaN/Inf in {what} at step {step}: step skipped ({summary})")
-            return None
+            limit = self.hparams.max_consecutive_skips
+            if self._skips_in_a_row < limit:
+                return None
+            what = f"{what} for {limit} steps in a row (model.max_consecutive_skips)"
         path = Path(self.trainer.default_root_dir if self.logger is None else self.trainer.log_dir or ".")
         ckpt = path / f"nonfinite-step{step}.ckpt"
         self.trainer.save_checkpoint(ckpt)
@@ -176,20 +196,29 @@ class DriftingModule(pl.LightningModule):
         )
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+        self._grad_norm = None
+        if self._skipped or getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             return  # 16-mixed: Inf gradients are how the GradScaler calibrates; it skips those steps itself
-        # Sharded (DTensor) gradients are checked shard by shard; the ranks then agree on the verdict.
-        grads = {k: p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-                 for k, p in self.generator.named_parameters() if p.grad is not None}  # fmt: skip
-        norms = torch._foreach_norm(list(grads.values())) if grads else []
-        total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
-        if self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(total).item()), all=True):
+        grads = _local_gradients(self.generator)
+        if not grads:
             return
-        bad = [k for k, norm in zip(grads, norms) if not torch.isfinite(norm)]
+        norms = torch._foreach_norm(list(grads.values()))
+        total = torch.linalg.vector_norm(torch.stack(norms))
+        if _sharded(self.generator) and torch.distributed.is_initialized():
+            # Each rank holds a shard of the gradients: one all-reduce of the squares makes the global norm, the
+            # same on every rank, so the ranks agree on the verdict without another collective.
+            square = total.square()
+            torch.distributed.all_reduce(square)
+            total = square.sqrt()
+        self._grad_norm = total  # clipping reuses it (configure_gradient_clipping)
+        if bool(torch.isfinite(total)):  # the one host sync of the check
+            return
+        bad = [k for k, norm in zip(grads, norms, strict=True) if not torch.isfinite(norm)]
         shown = ", ".join(bad[:6])
         summary = f"gradient norm {total.item():.4g}; NaN/Inf in {len(bad)} of {len(grads)} tensors: {shown}"
         if self.hparams.nonfinite == "skip":
             optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without a gradient untouched
+            self._grad_norm = None
         self._handle_nonfinite("the gradients", summary)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
@@ -237,11 +266,15 @@ class DriftingModule(pl.LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_started = time.perf_counter()
+        self._skipped = False
+        self._steps += 1
         positives, unconditional = batch["positives"], batch.get("unconditional")
         n_unc = 0 if unconditional is None else unconditional.shape[1]
         self._step_sizes = (positives.shape[0], positives.shape[1], n_unc)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not self._skipped:
+            self._skips_in_a_row = 0
         self._update_ema()
         elapsed = time.perf_counter() - self._step_started
         if elapsed > 0:
@@ -275,8 +308,13 @@ class DriftingModule(pl.LightningModule):
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
-        # Lightning's norm clipping refuses FSDP (FSDPStrategy); FSDP's own clip_grad_norm_ is the correct one.
         norm = gradient_clip_algorithm in (None, "norm")
+        if gradient_clip_val and norm and self._grad_norm is not None:
+            # torch's clip_grad_norm_ with the norm the non-finite check already has (global under sharding)
+            coef = (gradient_clip_val / (self._grad_norm + 1e-6)).clamp(max=1.0)
+            torch._foreach_mul_(list(_local_gradients(self.generator).values()), coef)
+            return
+        # Lightning's norm clipping refuses FSDP (FSDPStrategy); FSDP's own clip_grad_norm_ is the correct one.
         if not (gradient_clip_val and norm and clip_fsdp_gradients(self.generator, gradient_clip_val)):
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
@@ -332,6 +370,17 @@ def _highest_matmul_precision() -> Iterator[None]:
         yield
     finally:
         torch.set_float32_matmul_precision(previous)
+
+
+def _local_gradients(generator: torch.nn.Module) -> dict[str, Tensor]:
+    """This rank's gradient tensors by parameter name: the local shard of a sharded (DTensor) gradient."""
+    return {k: p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+            for k, p in generator.named_parameters() if p.grad is not None}  # fmt: skip
+
+
+def _sharded(generator: torch.nn.Module) -> bool:
+    """Whether each rank holds only a shard of the generator's gradients (FSDP2 or FSDP)."""
+    return isinstance(generator, (FSDPModule, FullyShardedDataParallel))
 
 
 def _grouped(features: dict[str, Tensor], groups: int) -> dict[str, Tensor]:

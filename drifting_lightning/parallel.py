@@ -4,8 +4,8 @@ Each class group lives on one rank (DESIGN.md), so only weights are distributed,
 - the generator is sharded. Every element of an ``nn.ModuleList`` (the DiT blocks) is its own unit, so one block's
   weights are gathered at a time, and the rest of the generator forms the root unit;
 - the EMA copy is kept whole on every rank and updated from the gathered generator weights after each step (one
-  more all-gather per step), so sampling callbacks that run on rank 0 only, ``sample`` and export work as on one
-  device;
+  more all-gather per sharding unit and step), so sampling callbacks that run on rank 0 only, ``sample`` and
+  export work as on one device;
 - the frozen encoder (and the VAE, loaded outside the module) is replicated: no gradient reaches its weights.
 DDP needs none of this: every rank holds the whole model.
 """
@@ -53,11 +53,30 @@ def shard_fsdp2(generator: nn.Module, mesh: DeviceMesh) -> None:
 def full_parameters(generator: nn.Module) -> Iterator[list[Tensor]]:
     """The generator's whole parameters, detached, in ``parameters()`` order, on every rank (a collective when the
     generator is sharded: every rank must enter). FSDP (``FSDPStrategy``) needs its default use_orig_params=True,
-    which keeps the original parameters visible."""
+    which keeps the original parameters visible.
+
+    FSDP2: one all-gather per sharding unit (``FSDPModule.unshard``, all units in flight at once), not one per
+    parameter, and resharded on exit. The unshard gathers in the units' ``param_dtype``; when that is not the
+    parameters' own dtype (a MixedPrecisionPolicy), the parameters are gathered one by one in their dtype instead."""
     if isinstance(generator, FullyShardedDataParallel):
         with FullyShardedDataParallel.summon_full_params(generator, writeback=False):
             yield [p.detach() for p in generator.parameters()]
         return
+    units = [m for m in generator.modules() if isinstance(m, FSDPModule)]
+    if units:
+        dtypes = [p.dtype for p in generator.parameters()]
+        handles = [unit.unshard(async_op=True) for unit in units]
+        try:
+            for handle in handles:
+                if handle is not None:
+                    handle.wait()
+            params = [p.detach() for p in generator.parameters()]
+            if not any(isinstance(p, DTensor) for p in params) and [p.dtype for p in params] == dtypes:
+                yield params
+                return
+        finally:
+            for unit in units:
+                unit.reshard()
     yield [p.full_tensor() if isinstance(p, DTensor) else p.detach() for p in generator.parameters()]
 
 

@@ -13,10 +13,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from drifting_lightning.rng import torch_generator
 
 # Stream tags: the training batches and each split of ``real_samples`` never share a generator state.
 TRAIN_STREAM = 0
@@ -25,12 +26,6 @@ SPLIT_STREAMS = {"train": 1, "val": 2, "test": 3}
 # Lightning warns on every fit that an IterableDataset with __len__ may be miscounted with several workers;
 # SeededStream splits its steps among the workers, so its length is exact.
 warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined", category=UserWarning)
-
-
-def seeded_generator(*entropy: int) -> torch.Generator:
-    """A CPU generator seeded from non-negative ints; different tuples give independent streams."""
-    state = np.random.SeedSequence([int(e) for e in entropy]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
 def split_stream(split: str) -> int:
@@ -62,7 +57,7 @@ class SeededStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        gen = seeded_generator(self.seed, TRAIN_STREAM, self.epoch, self.rank, worker)
+        gen = torch_generator(self.seed, TRAIN_STREAM, self.epoch, self.rank, worker)
         start, self.start = self.start, 0
         self.epoch += 1
         self.position = start

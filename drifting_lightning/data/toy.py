@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from drifting_lightning.data.stream import StreamingDataModule, seeded_generator, split_stream
+from drifting_lightning.data.stream import StreamingDataModule, split_stream
+from drifting_lightning.rng import torch_generator
 
 
 def _uniform(n: int, generator: torch.Generator, *size: int) -> Tensor:
@@ -133,7 +134,7 @@ class ToyDataModule(StreamingDataModule):
         self.distribution = distribution
         self.distribution_kwargs = dict(distribution_kwargs or {})
         try:
-            self.sampler(1, seeded_generator(0), **self.distribution_kwargs)
+            self.sampler(1, torch_generator(0), **self.distribution_kwargs)
         except TypeError as err:
             raise ValueError(f"bad distribution_kwargs for {distribution!r}: {err}") from err
 
@@ -142,7 +143,7 @@ class ToyDataModule(StreamingDataModule):
 
     def real_samples(self, n: int, split: str = "train", seed: int = 0) -> tuple[Tensor, None]:
         """``n`` target samples -> ([n, 2], None), from a stream that the training batches never use."""
-        gen = seeded_generator(self.seed, split_stream(split), seed)
+        gen = torch_generator(self.seed, split_stream(split), seed)
         return self.sampler(n, gen, **self.distribution_kwargs), None
 
 

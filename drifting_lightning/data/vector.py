@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from drifting_lightning.data.stream import StreamingDataModule, seeded_generator, split_stream
+from drifting_lightning.data.stream import StreamingDataModule, split_stream
+from drifting_lightning.rng import torch_generator
 
 # Tag of the generator that splits the rows into train and held-out parts.
 _SPLIT_ROWS = 99
@@ -92,7 +93,7 @@ class VectorDataModule(StreamingDataModule):
         self.standardize = standardize
         data = torch.from_numpy(load_vectors(path))
         n = data.shape[0]
-        perm = torch.randperm(n, generator=seeded_generator(seed, _SPLIT_ROWS))
+        perm = torch.randperm(n, generator=torch_generator(seed, _SPLIT_ROWS))
         n_test = int(n * test_fraction)
         train, test = data[perm[n_test:]], data[perm[:n_test]]
         if standardize:
@@ -122,5 +123,5 @@ class VectorDataModule(StreamingDataModule):
         rows = self.train_data if split == "train" else self.test_data
         if rows.shape[0] == 0:
             raise ValueError(f"{self.path}: no held-out rows for split {split!r}; set test_fraction > 0")
-        perm = torch.randperm(rows.shape[0], generator=seeded_generator(self.seed, stream, seed))
+        perm = torch.randperm(rows.shape[0], generator=torch_generator(self.seed, stream, seed))
         return rows[perm[:n]].clone(), None

@@ -69,6 +69,35 @@ def _logsumexp(x: Tensor, dim: int) -> Tensor:
     return out.log_().add_(m)
 
 
+# The one-exp path of the floored "both" normalisation (below) is exact to float32 rounding for floors down to this.
+MIN_ONE_EXP_FLOOR = 1e-12
+# ... provided every column's mass, relative to the group's largest entry, is at least this (log): then no entry
+# whose affinity clears the floor is lost to underflow (see _floored_both_one_exp).
+LOG_MIN_COLUMN_MASS = math.log(1e-15)
+
+
+def _floored_both_one_exp(logits: Tensor, floor: float) -> Tensor | None:
+    """max(sqrt(softmax_targets * softmax_rows), sqrt(floor)) in place with ONE exponential, or None (``logits``
+    untouched) where that would lose digits. On the CPU the exponentials are most of the field's time.
+
+    E = exp(l - rowmax) gives the row softmax E / rowsum; the column softmax reuses it: exp(l) is E u up to one
+    factor per group, u_n = exp(rowmax_n - M) with M the group's largest logit, so it is E u / colsum(E u). Underflow
+    in E or u only drops entries far below the floor, as long as every column's mass colsum(E u) >= 1e-15, which
+    its largest entry exp(colmax - M) guarantees when checked first. A fully masked column fails the check.
+    """
+    col_max = logits.amax(-2, keepdim=True)  # [G, 1, T]
+    top = col_max.amax(-1, keepdim=True)  # [G, 1, 1]: M
+    if not bool((col_max - top >= LOG_MIN_COLUMN_MASS).all()):
+        return None
+    row_max = logits.amax(-1, keepdim=True)  # [G, N, 1]
+    e = logits.sub_(row_max).exp_()
+    row_scale = row_max.sub_(top).exp_()  # u
+    col_mass = torch.bmm(row_scale.transpose(1, 2), e)  # [G, 1, T]: colsum(E u)
+    # A = E sqrt(u / rowsum) sqrt(1 / colmass), floored
+    e.mul_(row_scale.div_(e.sum(-1, keepdim=True)).sqrt_()).mul_(col_mass.rsqrt_())
+    return e.clamp_min_(math.sqrt(floor))
+
+
 def _cross_weight_(a: Tensor, n_neg: int, attraction: float, repulsion: float) -> Tensor:
     """Alg. 2 in place on A [G, N, T]: W_pos = A_pos * rowsum(A_neg), W_neg = A_neg * rowsum(A_pos), negatives signed
     negative, so that V = W_pos @ y+ - W_neg @ y- (written as W @ Y - rowsum(W) x to allow unequal scales)."""
@@ -107,6 +136,10 @@ class MeanShift(DriftField):
 
     def affinities(self, logits: Tensor) -> Tensor:
         """A [G, N, T] from logits [G, N, T] under the chosen normalisation (overwrites ``logits``)."""
+        if self.normalization == "both" and self.affinity_floor >= MIN_ONE_EXP_FLOOR and logits.device.type == "cpu":
+            a = _floored_both_one_exp(logits, self.affinity_floor)
+            if a is not None:
+                return a
         if self.normalization == "both":
             # sqrt(softmax_targets * softmax_rows) = exp(l - (lse_targets + lse_rows) / 2), one matrix, in place;
             # the floor on the product becomes a floor of log(floor) / 2 on its logarithm.

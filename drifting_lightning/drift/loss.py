@@ -1,17 +1,15 @@
-"""DriftingLoss: feature dict -> loss, with feature scale, several temperatures and drift normalisation (PAPER.md 3).
+"""DriftingLoss: feature dict -> loss, with feature scale, several temperatures and drift normalisation.
 
-Per feature set of dimension C the engine sees rows (G class groups x L locations), each row N generated samples
-against T = N + M + P targets (the generated samples, extra negatives, positives), and walks over chunks of rows in
-up to three passes, in float32 with autocast off and without gradients:
-1. feature scale S (A.6): the weighted mean distance, summed chunk by chunk;
-2. drift normalisation lambda (A.6): sums of V^2 per temperature, V derived from the chunk's one distance matrix
-   and dropped;
-3. the force F = sum over tau of V_tau / lambda_tau, into ONE float32 buffer shaped like the generated features.
-   V is linear in the coefficients W, so F = (sum_tau W_tau / lambda_tau) @ Y - rowsum(...) x: one product per
-   chunk instead of one per temperature.
-The loss MSE(gen / s_in, sg(gen / s_in + F)) is then known without building it: its value is mean F^2 and its
-gradient -2 F / (s_in numel) (``_DriftMSE``), so no prediction or target tensor is kept, and backward scales the
-force buffer in place into the gradient: the loss's only generation-sized memory is the gradient's own.
+The specification is ``drift/reference.py::authors_loss``, the literal transcription of PAPER.md 3 ("Exact reading
+of the authors' loss"); tests hold this file to it at float32 rounding. Read ``_feature_loss`` against PAPER.md 3,
+one step at a time (comments cite the paper: ``# A.6`` is paper appendix A.6, ``# Alg. 2`` its Algorithm 2):
+1. feature scale S and the input scale s_in (A.6), from every row's distances;
+2. each temperature's field V_tau and its sum of squares (Alg. 2, PAPER.md 2), for lambda_tau (A.6);
+3. the force F = sum over tau of V_tau / (s_in lambda_tau), in the normalised units of the loss;
+4. the loss MSE(gen / s_in, sg(gen / s_in + F)) (PAPER.md 1) from F alone: its value is mean F^2 and its gradient
+   -2 F / (s_in numel) (``_DriftMSE``).
+The rows (class group x location) are walked in chunks under ``max_chunk_elements`` by ``chunks.RowWalk``, whose
+docstring is where the memory budget is explained; everything here runs in float32, autocast off, no autograd.
 """
 
 from __future__ import annotations
@@ -26,54 +24,32 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from drifting_lightning.drift.chunks import Chunk, RowWalk
 from drifting_lightning.drift.fields import DriftField, MeanShift
-from drifting_lightning.drift.functional import apply_coefficients, is_temperature, mask_self_pairs
+from drifting_lightning.drift.functional import is_temperature, mask_self_pairs
 from drifting_lightning.drift.kernels import Kernel, Laplace
 
 FeatureDict = Mapping[str, Tensor]
 
-# [rows, N, T] float32 matrices alive at once per chunk, at most: the distances, the running sum of the
-# temperatures' coefficients (pass 3) and one temperature's logits, turned into its coefficients in place by
-# MeanShift. The kernels work in place on their result and the log-sum-exp on slabs (fields.slab_rows: cache-sized
-# on the CPU, 1/16 of the matrix on a GPU), so neither adds a whole matrix.
-LIVE_MATRICES = 3
-# Up to this many channels, distances come from per-channel differences (exact) instead of the matrix product.
-DIRECT_CHANNELS = 8
-
-
-def chunk_budget_bytes(max_chunk_elements: int, n: int, t: int, c: int) -> int:
-    """Upper bound on the working memory of one chunk, in bytes, for N generated samples, T targets, C channels.
-
-    rows = max(1, max_chunk_elements // (N T)); per row LIVE_MATRICES [N, T] matrices plus (T + N) C values: the
-    centred targets [T, C] (generated samples first) and one [N, C] field, a temperature's V or the chunk's force.
-    All of it is alive at once only in pass 3 without drift normalisation (a temperature's V for the statistics
-    next to the distances, the coefficient sum and that temperature's coefficients); by default a chunk peaks at
-    T C + max(3 N T, 2 N T + N C) values per row.
-    """
-    rows = max(1, max_chunk_elements // (n * t))
-    return 4 * rows * (LIVE_MATRICES * n * t + (t + n) * c)
-
-
 @dataclass
 class DriftLossOutput:
-    """loss: scalar to minimise; stats: detached scalars worth logging, keyed ``<feature>/<statistic>``."""
+    """loss: scalar to minimise; drift_sq_norm: [temperatures] the un-normalised mean ||V_tau||^2 summed over
+    features (an honest progress signal, PAPER.md 3); stats: detached scalars worth logging, ``<feature>/<name>``."""
 
     loss: Tensor
+    drift_sq_norm: Tensor
     stats: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass
-class _Chunk:
-    """Rows of one chunk: class groups x locations, their stat ids [rows] and column weights [rows, T] (or None)."""
+class _Statistics:
+    """Per statistics group (one, or one per class group): S, s_in, lambda [temperatures, groups] and this rank's
+    sums of V_tau^2 [temperatures, groups] in feature units."""
 
-    groups: slice
-    locs: slice
-    stat_ids: Tensor
-    weights: Tensor | None
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.groups.stop - self.groups.start, self.locs.stop - self.locs.start
+    scale: Tensor
+    s_in: Tensor
+    lam: Tensor
+    raw_sq: Tensor
 
 
 class _DriftMSE(torch.autograd.Function):
@@ -122,19 +98,8 @@ class DriftingLoss(nn.Module):
     "group" keeps one per class group (all locations of a group always share them). distributed_statistics:
     all-reduce S and lambda sums over ranks in "batch" mode so results do not depend on the number of ranks.
     mask_self: mask each generated sample against itself (paper Alg. 2), for the fields that ask for it.
-
-    Memory. max_chunk_elements bounds rows x N x T, the elements of ONE [rows, N, T] distance matrix; rows (whole
-    class groups when all L locations of a group fit, else locations of one group; at least one row) are processed
-    in chunks under it. Per chunk at most LIVE_MATRICES = 3 such float32 matrices are alive (the distances, the sum
-    of the temperatures' coefficients in pass 3, one temperature's logits that MeanShift turns into coefficients in
-    place; its log-sum-exps work on small slabs) and (T + N) x C float32 values per row: the centred targets
-    [rows, T, C] (generated samples first) and one field [rows, N, C], a temperature's V or the chunk's force. So
-    the chunk budget is ``chunk_budget_bytes`` = 4 B x rows x (3 N T + (T + N) C). Beyond it the loss holds one
-    float32 force buffer the size of the generated features from the forward to the backward, which becomes the
-    gradient in place (float32 gen), and per-row vectors of a chunk. SinkhornDrift holds a few more [rows, N, T]
-    temporaries. With a single chunk the targets and distances are kept across the passes; with no
-    bound (None, one chunk of all rows) every temperature's V is kept from pass 2 to pass 3 too, trading the
-    temperatures' [R, N, C] buffers for the recomputation.
+    max_chunk_elements: bound on rows x N x T per chunk (None: no bound); the memory it buys is explained in
+    ``drifting_lightning.drift.chunks`` (``chunk_budget_bytes``).
     """
 
     def __init__(
@@ -187,7 +152,7 @@ class DriftingLoss(nn.Module):
         """gen: {name: [G, N, C] or [G, N, L, C]} generated features (with gradient); pos: {name: [G, P, (L,) C]};
         neg: {name: [G, M, (L,) C]} extra negatives; neg_weights: [G, M] or [G] kernel weights of the extra
         negatives (the guidance weight w). A bare tensor stands for a single feature. Returns the loss summed over
-        features and the statistics."""
+        features (PAPER.md 3) and the statistics."""
         gen, pos = _as_dict(gen), _as_dict(pos)
         neg = _as_dict(neg) if neg is not None else None
         if set(pos) != set(gen) or (neg is not None and set(neg) != set(gen)):
@@ -195,167 +160,137 @@ class DriftingLoss(nn.Module):
                 f"feature names differ: gen {sorted(gen)}, pos {sorted(pos)}"
                 + (f", neg {sorted(neg)}" if neg is not None else "")
             )
-        total: Tensor | None = None
-        stats: dict[str, Tensor] = {}
-        for name in gen:
-            loss, feature_stats = self._feature_loss(name, gen[name], pos[name], None if neg is None else neg[name],
-                                                     neg_weights)
-            total = loss if total is None else total + loss
-            stats.update({f"{name}/{k}": v for k, v in feature_stats.items()})
-            stats[f"{name}/loss"] = loss.detach()
-        if total is None:
+        if not gen:
             raise ValueError("no features given to DriftingLoss")
-        return DriftLossOutput(total, stats)
+        losses, sq_norms, stats = [], [], {}
+        for name in gen:
+            loss, st, rows = self._feature_loss(name, gen[name], pos[name], None if neg is None else neg[name],
+                                                neg_weights)
+            sq_norm = st.raw_sq.sum(1) / rows  # mean ||V_tau||^2 over this rank's generated samples
+            losses.append(loss)
+            sq_norms.append(sq_norm)
+            stats[f"{name}/scale"] = st.scale.mean()
+            for k, tau in enumerate(self.temperatures):
+                stats[f"{name}/lambda/tau{tau:g}"] = st.lam[k].mean()
+                stats[f"{name}/drift_sq_norm/tau{tau:g}"] = sq_norm[k]
+            stats[f"{name}/loss"] = loss.detach()
+        return DriftLossOutput(sum(losses[1:], losses[0]), sum(sq_norms[1:], sq_norms[0]), stats)
 
     def _feature_loss(
         self, name: str, gen: Tensor, pos: Tensor, neg: Tensor | None, neg_weights: Tensor | None
-    ) -> tuple[Tensor, dict[str, Tensor]]:
+    ) -> tuple[Tensor, _Statistics, int]:
+        """One feature's loss, its statistics and its number of generated samples (rows x N)."""
         weights = _check(name, gen, pos, neg, neg_weights)
         parts = [_locations(t) for t in ([gen.detach(), pos] if neg is None else [gen.detach(), neg, pos])]
-        g, n, loc, c = parts[0].shape
-        t = sum(part.shape[1] for part in parts)
-        n_neg = t - pos.shape[1]
-        r, n_stats, taus = g * loc, (g if self.statistics == "group" else 1), self.temperatures
-        device, f32 = gen.device, torch.float32
-        spans = self._spans(g, loc, r if self.max_chunk_elements is None else self.max_chunk_elements // (n * t))
-        single = len(spans) == 1
+        walk = RowWalk(parts, weights, self.statistics == "group", self.max_chunk_elements, len(self.temperatures))
         need_grad = gen.requires_grad and torch.is_grad_enabled()
-
-        def chunks() -> Iterator[_Chunk]:
-            # One at a time: a chunk's stat ids and column weights are per-row tensors, R x T values for all chunks.
-            for groups, locs in spans:
-                yield self._chunk(groups, locs, weights, device)
-
-        with torch.no_grad(), torch.autocast(device.type, enabled=False):
-            # One chunk: its targets and distances serve every pass ("all temperatures from one cdist").
-            cache: list[tuple[Tensor, Tensor]] = []
-
-            def prepared(ch: _Chunk) -> tuple[Tensor, Tensor]:
-                if cache:
-                    return cache[0]
-                y = _targets(parts, ch, n)
-                y_d = (y, _distances(y, n))
-                if single:
-                    cache.append(y_d)
-                return y_d
-
-            # Pass 1, A.6 feature normalisation: S = weighted mean distance, under stop-gradient, from the batch.
-            ones = torch.ones(n_stats, dtype=f32, device=device)
-            if self.feature_normalization:
-                dw_sum, w_sum = torch.zeros_like(ones), torch.zeros_like(ones)
-                for ch in chunks():
-                    column_sums = prepared(ch)[1].sum(1)  # [rows, T]
-                    rows_w = column_sums.new_full((1, t), 1.0) if ch.weights is None else ch.weights
-                    dw_sum.index_add_(0, ch.stat_ids, (column_sums * rows_w).sum(-1))
-                    w_sum.index_add_(0, ch.stat_ids, rows_w.sum(-1).expand(len(ch.stat_ids)) * n)
-                dw_sum, w_sum = self._reduce(dw_sum, w_sum)
-                scale = dw_sum / w_sum
-                s_in = (scale / math.sqrt(c)).clamp_min(1e-3)
-            else:
-                scale = s_in = ones
-            d_div = scale.clamp_min(1e-3)
-
-            def coefficients(ch: _Chunk, d: Tensor) -> Iterator[Tensor]:
-                """W [rows, N, T] per temperature, acting on the features in their own units: V of x / s_in is
-                V / s_in, so the features need no scaled copy and lambda is taken on V / s_in."""
-                for tau in taus:
-                    # Kernels depend on d / tau only, so k(d / S, tau) = k(d, tau * S): no normalised copy of d.
-                    yield self._coefficients(d, n_neg, d_div[ch.stat_ids, None, None] * tau, ch.weights)
-
-            # Pass 2, A.6 drift normalisation: lambda_tau = sqrt(mean (V_tau / s_in)^2) per stat group.
-            raw_sq = torch.zeros(len(taus), n_stats, dtype=f32, device=device)  # this rank's sum of V^2
-            kept: list[Tensor] = []
+        with torch.no_grad(), torch.autocast(gen.device.type, enabled=False):
+            st = self._feature_scale(walk)  # A.6
+            fields = self._fields(walk, st) if self.drift_normalization or walk.keep_fields else None
             if self.drift_normalization:
-                keep = single and self.max_chunk_elements is None
-                for ch in chunks():
-                    y, d = prepared(ch)
-                    for k, coef in enumerate(coefficients(ch, d)):
-                        v = apply_coefficients(coef, y[:, :n], y)
-                        del coef  # before the next temperature's logits exist
-                        raw_sq[k].index_add_(0, ch.stat_ids, _sq_norms(v))
-                        if keep:
-                            kept.append(v)
-                        del v
-                    del y, d  # before the next chunk's are built
-                counts = torch.full_like(ones, r // n_stats * n * c)
-                sq, counts = self._reduce(raw_sq, counts)
-                lam = (sq / (counts * s_in.square())).clamp_min(1e-8).sqrt()
-            else:
-                lam = torch.ones(len(taus), n_stats, dtype=f32, device=device)
-            if kept:
-                cache.clear()
-
-            # Pass 3: F = sum_tau V_tau / (s_in lambda_tau), in normalised units, one chunk at a time.
-            factor = 1 / (s_in * lam)  # [temperatures, stat groups]
-            force = torch.empty_like(gen, dtype=f32) if need_grad else None
-            force_loc = None if force is None else _locations(force)
-            f_sq = torch.zeros((), dtype=f32, device=device)
-            for ch in chunks():
-                if kept:
-                    f_c = kept.pop(0).mul_(factor[0, ch.stat_ids, None, None])
-                    for k in range(1, len(taus)):
-                        f_c.addcmul_(kept.pop(0), factor[k, ch.stat_ids, None, None])
-                else:
-                    y, d = prepared(ch)
-                    w_sum = None  # sum_tau W_tau / (s_in lambda_tau): V is linear in W, so one product per chunk
-                    for k, coef in enumerate(coefficients(ch, d)):
-                        if not self.drift_normalization:  # the statistics still need each temperature's own V
-                            raw_sq[k].index_add_(0, ch.stat_ids, _sq_norms(apply_coefficients(coef, y[:, :n], y)))
-                        f_rows = factor[k, ch.stat_ids, None, None]
-                        w_sum = coef.mul_(f_rows) if w_sum is None else w_sum.addcmul_(coef, f_rows)
-                        del coef
-                    del d
-                    f_c = apply_coefficients(w_sum, y[:, :n], y)
-                    del y, w_sum
-                f_sq += _sq_norms(f_c).sum()
-                if force_loc is not None:
-                    gs, ls = ch.shape
-                    force_loc[ch.groups, :, ch.locs].copy_(f_c.view(gs, ls, n, c).transpose(1, 2))
-                del f_c
-            cache.clear()
-
+                st.lam = self._drift_normalisation(walk, st)  # A.6
+            factor = 1 / (st.s_in * st.lam)  # [temperatures, groups]: V_tau -> V_tau / (s_in lambda_tau)
+            force = torch.empty_like(gen, dtype=torch.float32) if need_grad else None
+            f_sq = self._force(walk, st, factor, fields, force)
+            walk.release()
             numel = gen.numel()
             # Table 8: sum_tau mean(V~_tau^2), one MSE per temperature; authors' code: mean(F^2), one MSE against
-            # the summed field.
-            value = (raw_sq * factor.square()).sum() / numel if self.loss_per_temperature else f_sq / numel
-            # Both readings have the gradient of the MSE against the summed field: d/dgen = -2 F / (s_in numel).
-            grad_scale = (-2.0 / numel / s_in).view(-1, *([1] * (gen.dim() - 1)))
-
+            # the summed field. Both have the gradient of the latter: d/dgen = -2 F / (s_in numel).
+            value = (st.raw_sq * factor.square()).sum() / numel if self.loss_per_temperature else f_sq / numel
+            grad_scale = (-2.0 / numel / st.s_in).view(-1, *([1] * (gen.dim() - 1)))
         loss = _DriftMSE.apply(gen, value, force, grad_scale) if need_grad else value
-        stats = {"scale": scale.mean()}
-        for k, tau in enumerate(taus):
-            stats[f"lambda/tau{tau:g}"] = lam[k].mean()
-            stats[f"drift_sq_norm/tau{tau:g}"] = raw_sq[k].sum() / (r * n)
-        return loss, stats
+        return loss, st, walk.rows * walk.n
 
-    def _coefficients(self, d: Tensor, n_neg: int, temperature: Tensor, weights: Tensor | None) -> Tensor:
-        """One temperature's coefficients W [rows, N, T] from distances d [rows, N, T]: the kernel's logits, which
-        MeanShift turns into W in place, so W is the one [rows, N, T] matrix that outlives this frame (with d)."""
-        logits = self.kernel.logits(d, temperature)
-        if self.mask_self and self.field.masks_self:
-            mask_self_pairs(logits)
-        return self.field.coefficients(logits, n_neg, weights)
+    def _feature_scale(self, walk: RowWalk) -> _Statistics:
+        """A.6: S = weighted mean distance of the generated samples to all targets (under stop-gradient, from the
+        batch), s_in = max(S / sqrt(C), 1e-3) the scale the features are divided by. Pass 1 over the rows."""
+        n_stats = walk.g if walk.per_group else 1
+        device = walk.parts[0].device
+        ones = torch.ones(n_stats, device=device)
+        lam = torch.ones(len(self.temperatures), n_stats, device=device)
+        raw_sq = torch.zeros_like(lam)
+        if not self.feature_normalization:
+            return _Statistics(ones, ones, lam, raw_sq)
+        dw_sum, w_sum = torch.zeros_like(ones), torch.zeros_like(ones)
+        for ch in walk.chunks():
+            column_sums = ch.distances.sum(1)  # [rows, T]
+            w = column_sums.new_ones(1, walk.t) if ch.weights is None else ch.weights
+            dw_sum.index_add_(0, ch.stat_ids, (column_sums * w).sum(-1))
+            w_sum.index_add_(0, ch.stat_ids, w.sum(-1).expand(len(ch.stat_ids)) * walk.n)
+        dw_sum, w_sum = self._reduce(dw_sum, w_sum)
+        scale = dw_sum / w_sum
+        return _Statistics(scale, (scale / math.sqrt(walk.c)).clamp_min(1e-3), lam, raw_sq)
 
-    @staticmethod
-    def _spans(g: int, loc: int, rows: int) -> list[tuple[slice, slice]]:
-        """(groups, locations) of chunks of at most ``rows`` rows (at least one): whole class groups if a group's
-        locations fit, else locations of one group, so that every chunk is a plain slice of [G, K, L, C] features."""
-        rows = max(1, rows)
-        if rows >= loc:
-            step = rows // loc
-            return [(slice(a, min(a + step, g)), slice(0, loc)) for a in range(0, g, step)]
-        return [(slice(a, a + 1), slice(b, min(b + rows, loc))) for a in range(g) for b in range(0, loc, rows)]
+    def _drift_normalisation(self, walk: RowWalk, st: _Statistics) -> Tensor:
+        """A.6: lambda_tau = sqrt(mean (V_tau / s_in)^2) over every generated sample and channel of the group."""
+        counts = torch.full_like(st.s_in, walk.rows // len(st.s_in) * walk.n * walk.c)
+        sq, counts = self._reduce(st.raw_sq, counts)
+        return (sq / (counts * st.s_in.square())).clamp_min(1e-8).sqrt()
 
-    def _chunk(self, groups: slice, locs: slice, weights: Tensor | None, device: torch.device) -> _Chunk:
-        """The rows of one span: their stat ids and column weights, row = (group, location)."""
-        ls = locs.stop - locs.start
-        ids = torch.arange(groups.start, groups.stop, device=device).repeat_interleave(ls)
-        if self.statistics == "batch":
-            ids = torch.zeros_like(ids)
-        w = None if weights is None else weights[groups].repeat_interleave(ls, dim=0)
-        return _Chunk(groups, locs, ids, w)
+    def _coefficients(self, walk: RowWalk, ch: Chunk, st: _Statistics) -> Iterator[Tensor]:
+        """Alg. 2 per temperature: W_tau [rows, N, T] with V_tau = W_tau @ Y - rowsum(W_tau) x, in feature units.
+
+        A.6 divides distances by S; kernels depend on d / tau only, so k(d / S, tau) = k(d, tau S): no normalised
+        copy of the distances. Each W is the kernel's logits, turned into coefficients in place by the field."""
+        d_div = _per_row(st.scale.clamp_min(1e-3), ch)
+        for tau in self.temperatures:
+            logits = self.kernel.logits(ch.distances, d_div * tau)
+            if self.mask_self and self.field.masks_self:
+                mask_self_pairs(logits)
+            yield self.field.coefficients(logits, walk.n_neg, ch.weights)
+
+    def _fields(self, walk: RowWalk, st: _Statistics) -> list[list[Tensor]] | None:
+        """Pass 2: every temperature's V per chunk, its sum of squares into ``st.raw_sq``; the fields themselves are
+        kept for the force when ``walk.keep_fields`` (else None, and the force pass recomputes them)."""
+        kept: list[list[Tensor]] = []
+        for ch in walk.chunks():
+            fields = []
+            for k, coef in enumerate(self._coefficients(walk, ch, st)):
+                v = _field(coef, ch.targets, walk.n)
+                del coef  # before the next temperature's logits exist
+                st.raw_sq[k].index_add_(0, ch.stat_ids, _sq_norms(v))
+                if walk.keep_fields:
+                    fields.append(v)
+                del v
+            kept.append(fields)
+        return kept if walk.keep_fields else None
+
+    def _force(
+        self, walk: RowWalk, st: _Statistics, factor: Tensor, fields: list[list[Tensor]] | None, force: Tensor | None
+    ) -> Tensor:
+        """F = sum_tau V_tau / (s_in lambda_tau) into ``force`` (gen's shape; None: value only); returns sum F^2.
+
+        From the kept fields, or in one more pass: V is linear in W, so F = (sum_tau W_tau factor_tau) @ Y -
+        rowsum(...) x, one product per chunk. That pass also sums each V_tau^2 when pass 2 did not run."""
+        f_sq = torch.zeros((), device=walk.parts[0].device)
+        force_loc = None if force is None else _locations(force)
+        for i, ch in enumerate(walk.chunks(data=fields is None)):
+            if fields is not None:
+                vs = fields[i]
+                f_c = vs[0].mul_(_per_row(factor[0], ch))
+                for k in range(1, len(vs)):
+                    f_c.addcmul_(vs[k], _per_row(factor[k], ch))
+                vs.clear()
+            else:
+                w_sum = None
+                for k, coef in enumerate(self._coefficients(walk, ch, st)):
+                    if not self.drift_normalization:  # the statistics still need each temperature's own V
+                        # _field folds -rowsum(W) into W's diagonal, which leaves W's rows summing to 0: the folded
+                        # W still sums into the same force, so no copy of it is needed
+                        st.raw_sq[k].index_add_(0, ch.stat_ids, _sq_norms(_field(coef, ch.targets, walk.n)))
+                    f_rows = _per_row(factor[k], ch)
+                    w_sum = coef.mul_(f_rows) if w_sum is None else w_sum.addcmul_(coef, f_rows)
+                    del coef
+                f_c = _field(w_sum, ch.targets, walk.n)
+                del w_sum
+            f_sq += _sq_norms(f_c).sum()
+            if force_loc is not None:
+                walk.scatter(force_loc, ch, f_c)
+            del f_c
+        return f_sq
 
     def _reduce(self, *sums: Tensor) -> tuple[Tensor, ...]:
+        """Sums over ranks in "batch" mode with ``distributed_statistics`` (one all-reduce), else as they are."""
         if not (self.distributed_statistics and self.statistics == "batch"):
             return sums
         if not (dist.is_available() and dist.is_initialized()):
@@ -365,6 +300,19 @@ class DriftingLoss(nn.Module):
         return tuple(p.reshape(s.shape) for p, s in zip(packed.split([s.numel() for s in sums]), sums, strict=True))
 
 
+def _per_row(values: Tensor, ch: Chunk) -> Tensor:
+    """A per-statistics-group vector as a factor for the chunk's [rows, ., .] matrices: [rows, 1, 1], or a 0-d
+    tensor when all rows share one group (a scalar broadcasts faster)."""
+    return values[0] if len(values) == 1 else values[ch.stat_ids, None, None]
+
+
+def _field(coef: Tensor, y: Tensor, n: int) -> Tensor:
+    """V = W @ Y - rowsum(W) x [rows, N, C] as ONE product (overwrites ``coef``): the first N targets are the
+    generated samples x themselves, so -rowsum(W) joins the diagonal of W's generated block."""
+    coef[..., :n].diagonal(dim1=-2, dim2=-1).sub_(coef.sum(-1))
+    return torch.bmm(coef, y)
+
+
 def _as_dict(x: Tensor | FeatureDict) -> dict[str, Tensor]:
     return {"x": x} if isinstance(x, Tensor) else dict(x)
 
@@ -372,47 +320,6 @@ def _as_dict(x: Tensor | FeatureDict) -> dict[str, Tensor]:
 def _locations(t: Tensor) -> Tensor:
     """[G, K, C] -> [G, K, 1, C] view; [G, K, L, C] as is."""
     return t.unsqueeze(2) if t.dim() == 3 else t
-
-
-def _targets(parts: list[Tensor], ch: _Chunk, n: int) -> Tensor:
-    """Centred float32 targets [rows, T, C] of one chunk: cat(gen, neg, pos) along samples, row = (group, location).
-
-    The layout change [G, K, L, C] -> rows happens here, per chunk, in the one copy that also converts to float32.
-    Centring on the generated mean changes neither distances nor V (both translation invariant) but keeps
-    ||x||^2 + ||y||^2 - 2 x.y from cancelling away the digits of features with a large common offset.
-    """
-    gs, ls = ch.shape
-    t, c = sum(p.shape[1] for p in parts), parts[0].shape[-1]
-    y = torch.empty(gs, ls, t, c, dtype=torch.float32, device=parts[0].device)
-    start = 0
-    for part in parts:
-        k = part.shape[1]
-        y[:, :, start : start + k].copy_(part[ch.groups, :, ch.locs].transpose(1, 2))
-        start += k
-    y = y.view(gs * ls, t, c)
-    return y.sub_(y[:, :n].mean(1, keepdim=True))
-
-
-def _distances(y: Tensor, n: int) -> Tensor:
-    """Plain L2 distances [rows, N, T] of the first N targets (the generated samples) to all T targets [rows, T, C].
-
-    Up to DIRECT_CHANNELS channels: sum_c (x_c - y_c)^2, one channel at a time, exact for close points, where the
-    product form loses digits (1-D, 2-D toy data). Beyond: ||x||^2 + ||y||^2 - 2 x.y in one matrix, the product
-    added in place (torch.cdist's matmul path would copy both sides padded with norms and ones); x_i to itself is
-    exactly 0.
-    """
-    rows, t, c = y.shape
-    if c <= DIRECT_CHANNELS:
-        d = y.new_zeros(rows, n, t)
-        for k in range(c):
-            diff = y[:, :n, k, None] - y[:, None, :, k]
-            d.addcmul_(diff, diff)
-        return d.sqrt_()
-    sq = torch.linalg.vector_norm(y, dim=-1).square_()
-    d = (sq[:, :n, None] + sq[:, None, :]).baddbmm_(y[:, :n], y.transpose(1, 2), alpha=-2)
-    d = d.clamp_min_(0).sqrt_()
-    d[:, :, :n].diagonal(dim1=1, dim2=2).zero_()
-    return d
 
 
 def _sq_norms(v: Tensor) -> Tensor:

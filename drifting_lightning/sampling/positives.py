@@ -26,9 +26,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from drifting_lightning.rng import numpy_generator
+
 log = logging.getLogger(__name__)
 
-# Stream ids of the counter-based generators: np.random.default_rng([seed, stream, step, rank]).
+# Stream tags of this module's keys (seed, stream, step, rank or global group); see drifting_lightning.rng.
 _LABELS, _INDICES, _PUSH_ORDER, _QUEUE_FILL = 0, 1, 2, 3
 
 
@@ -137,13 +139,13 @@ class PositiveSource:
 
         Streams 0-99 are this module's; consumers tying other randomness to the step (image flips) use >= 100.
         """
-        return np.random.default_rng([self.seed, stream, step, 0 if shared else self.rank])
+        return numpy_generator(self.seed, stream, step, 0 if shared else self.rank)
 
     def group_rngs(self, stream: int, step: int) -> list[np.random.Generator]:
         """One generator per class group of this rank at ``step``, keyed by the group's index in the global batch,
         so that a group's draw does not depend on how many ranks share the batch."""
         first = self.rank * self.classes_per_step
-        return [np.random.default_rng([self.seed, stream, step, first + g]) for g in range(self.classes_per_step)]
+        return [numpy_generator(self.seed, stream, step, first + g) for g in range(self.classes_per_step)]
 
     def draw(self) -> PositiveDraw:
         """The next step's indices (advances the stream by one step)."""

@@ -1,4 +1,4 @@
-"""benchmarks/drift_loss.py --quick runs end to end and prints both markdown tables."""
+"""benchmarks/drift_loss.py --quick runs end to end and prints both markdown tables; --official is optional."""
 
 import re
 import subprocess
@@ -9,7 +9,8 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "drift_loss.py"
 
 
 def test_quick_benchmark_prints_tables():
-    out = subprocess.run([sys.executable, str(SCRIPT), "--quick"], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--official", "/nonexistent/drift_loss.py"],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
     assert out.returncode == 0, out.stderr
     text = out.stdout
     assert "| C | engine ms (range) | literal loop ms (range) | speed-up |" in text
@@ -19,3 +20,4 @@ def test_quick_benchmark_prints_tables():
     assert re.search(rf"^\| 16 \| {time} \| {time} \| [\d.]+x \| [\d,.]+ \| [\d,.]+ \|$", text, re.M), text
     assert re.search(rf"^\| 4 x 4 = 16 \| {time} \| [\d,]+ \|", text, re.M), text
     assert "failed" not in text and "does not fit" not in text
+    assert "Against the authors' loss: skipped (/nonexistent/drift_loss.py" in text  # optional, absent here

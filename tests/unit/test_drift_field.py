@@ -17,6 +17,7 @@ from drifting_lightning.drift import (
     SinkhornDrift,
     drift_field,
 )
+from drifting_lightning.drift.functional import mask_self_pairs
 from drifting_lightning.drift.reference import algorithm2
 
 FAST = settings(max_examples=12, deadline=None, derandomize=True)
@@ -339,3 +340,34 @@ def test_bad_temperature_is_rejected(tau):
     x = randn(4, 3, seed=0)
     with pytest.raises(ValueError, match="temperature"):
         drift_field(x, randn(3, 3, seed=1), x, tau)
+
+
+@pytest.mark.parametrize("spread", [1.0, 30.0, 300.0])
+def test_one_exponential_path_equals_the_log_domain_softmaxes(spread):
+    """The floored "both" affinities from one exp (CPU fast path) equal exp(l - lse_targets / 2 - lse_rows / 2)
+    floored, also when rows lie far apart (logits hundreds apart: the path must then decline, not lose digits)."""
+    from drifting_lightning.drift import fields
+
+    gen_ = torch.Generator().manual_seed(3)
+    logits = -spread * torch.rand(4, 6, 11, generator=gen_)
+    logits[1, 2] -= 10 * spread  # one row far from every target
+    floor = 1e-6
+    expected = (logits - logits.logsumexp(-1, keepdim=True) / 2 - logits.logsumexp(-2, keepdim=True) / 2)
+    expected = expected.clamp_min(0.5 * math.log(floor)).exp()
+    fast = fields._floored_both_one_exp(logits.clone(), floor)
+    if fast is None:  # declined: the engine falls back to the log-domain path
+        assert spread == 300.0
+    else:
+        torch.testing.assert_close(fast, expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(MeanShift(affinity_floor=floor).affinities(logits.clone()), expected, rtol=1e-5,
+                               atol=1e-7)
+
+
+def test_one_exponential_path_declines_a_fully_masked_column():
+    from drifting_lightning.drift import fields
+
+    logits = torch.zeros(1, 1, 3)
+    mask_self_pairs(logits)  # N = 1 and no other negative: column 0 holds only the masked self-pair
+    untouched = logits.clone()
+    assert fields._floored_both_one_exp(logits, 1e-6) is None
+    assert torch.equal(logits, untouched)

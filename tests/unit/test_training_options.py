@@ -148,6 +148,61 @@ def test_nonfinite_gradients_skip_policy_leaves_the_weights(tmp_path: Path, caps
     assert not torch.equal(finite.generator.state_dict()["head.weight"], start["head.weight"])
 
 
+def test_skip_policy_stops_after_max_consecutive_skips_like_stop(tmp_path: Path, capsys):
+    module = DriftingModule(MLPGenerator(hidden=[32]), generated_per_group=8, nonfinite="skip",
+                            max_consecutive_skips=2)  # fmt: skip
+    before = {k: v.clone() for k, v in module.generator.state_dict().items()}
+    _nan_gradients(module)
+    message = r"NaN/Inf in the gradients for 2 steps in a row \(model\.max_consecutive_skips\) at step 1\..*step1\.ckpt"
+    with pytest.raises(NonFiniteLossError, match=message):
+        _fit(module, tmp_path, steps=5)
+    assert capsys.readouterr().out.count("step skipped") == 2
+    saved = torch.load(tmp_path / "nonfinite-step1.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    assert all(torch.equal(saved[f"generator.{k}"], v) for k, v in before.items())
+
+
+def test_a_finite_step_resets_the_consecutive_skips(tmp_path: Path, capsys):
+    """NaN gradients on every other step: never 2 in a row, so the run ends and reports 2 of 4 skipped."""
+    module = DriftingModule(MLPGenerator(hidden=[32]), generated_per_group=8, nonfinite="skip",
+                            max_consecutive_skips=2)  # fmt: skip
+    calls = []
+
+    def every_other(grad):
+        calls.append(1)
+        return grad * float("nan") if len(calls) % 2 else grad
+
+    next(module.generator.parameters()).register_hook(every_other)
+    _fit(module, tmp_path, steps=4)
+    assert "[drifting] 2 of 4 steps skipped (NaN/Inf, model.nonfinite=skip)" in capsys.readouterr().out
+
+
+def test_clipping_reuses_the_checked_norm_as_torch_clips(tmp_path: Path):
+    """With gradient clipping the module scales by the norm its non-finite check computed: the same gradients
+    as torch.nn.utils.clip_grad_norm_."""
+    module = DriftingModule(MLPGenerator(hidden=[32]), generated_per_group=8)
+    seen = {}
+
+    class Record(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            seen["raw"] = [p.grad.clone() for p in pl_module.generator.parameters()]
+
+    original = module.configure_gradient_clipping
+
+    def clip_and_record(optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        original(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        seen["clipped"] = [p.grad.clone() for p in module.generator.parameters()]
+
+    module.configure_gradient_clipping = clip_and_record
+    _fit(module, tmp_path, steps=1, gradient_clip_val=1e-3, callbacks=[Record()])
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in seen["raw"]]
+    for p, g in zip(params, seen["raw"], strict=True):
+        p.grad = g.clone()
+    total = torch.nn.utils.clip_grad_norm_(params, 1e-3)
+    assert total > 1e-3  # clipping was active
+    for p, got in zip(params, seen["clipped"], strict=True):
+        torch.testing.assert_close(got, p.grad, rtol=0, atol=0)
+
+
 class _OutOfMemory(MLPGenerator):
     def forward(self, noise, labels=None, alpha=None):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.1 GiB total)")
