@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from drifting_lightning.data.latents import encode_latents  # noqa: E402
-from drifting_lightning.data.vae import SD_VAE_CONFIG, VAECodec, as_dtype  # noqa: E402
+from drifting_lightning.models.vae import SD_VAE_CONFIG, VAECodec, as_dtype  # noqa: E402
 
 IMAGENET_TRAIN = 1_281_167
 # SD-VAE's four levels (8x down-sampling) at test widths: the cost shape of the real VAE, tiny.

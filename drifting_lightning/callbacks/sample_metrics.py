@@ -11,13 +11,13 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from drifting_lightning.callbacks.scatter import datamodule_of, fixed_noise
+from drifting_lightning.callbacks.periodic import PeriodicCallback, datamodule_of, fixed_noise
 from drifting_lightning.metrics.energy import energy_distance, gaussian_mmd2, median_bandwidth
 
 METRICS = ("energy_distance", "mmd")
 
 
-class SampleMetricCallback(L.Callback):
+class SampleMetricCallback(PeriodicCallback):
     """Every ``every_n_steps`` optimiser steps and at the end of training: the metric between
     ``pl_module.sample(num_samples, use_ema=use_ema, generator=g)`` and ONE target sample
     ``real_samples(num_samples, seed=seed)`` drawn at the first evaluation; g is seeded with ``seed`` each
@@ -34,6 +34,8 @@ class SampleMetricCallback(L.Callback):
     MMD^2 with ``bandwidth`` (default: the median pairwise distance of the target sample).
     """
 
+    global_zero_only = False  # every rank evaluates: rank 0 computes, the others receive the value
+
     def __init__(
         self,
         metric: str = "energy_distance",
@@ -47,10 +49,10 @@ class SampleMetricCallback(L.Callback):
             close = difflib.get_close_matches(metric, METRICS, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ValueError(f"unknown metric {metric!r}; valid: {', '.join(METRICS)}.{hint}")
-        if every_n_steps < 1 or num_samples < 2:
-            raise ValueError(f"need every_n_steps >= 1 and num_samples >= 2, got {every_n_steps}, {num_samples}")
+        if num_samples < 2:
+            raise ValueError(f"need num_samples >= 2, got {num_samples}")
+        super().__init__(every_n_steps)
         self.metric = metric
-        self.every_n_steps = every_n_steps
         self.num_samples = num_samples
         self.seed = seed
         self.use_ema = use_ema
@@ -58,28 +60,24 @@ class SampleMetricCallback(L.Callback):
         self.last_value: float | None = None
         self.history: list[tuple[int, float]] = []
         self._target: Tensor | None = None
-        self._log_dir = ""
 
     @property
     def name(self) -> str:
         return f"metrics/{self.metric}"
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._log_dir = trainer.log_dir  # a collective call: every rank must ask
+    def last_step(self) -> int:
+        return self.history[-1][0] if self.history else -1
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        step = trainer.global_step
-        if step > 0 and step % self.every_n_steps == 0 and (not self.history or self.history[-1][0] != step):
-            value = self._evaluate(trainer, pl_module)
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, final: bool) -> None:
+        value = self._evaluate(trainer, pl_module)
+        if not final:  # pl_module.log is not allowed in on_train_end
             # logger=False: the loggers already have it at this exact step (self.log would wait for
             # log_every_n_steps); this puts it in trainer.callback_metrics and the progress bar.
             pl_module.log(self.name, value, logger=False, prog_bar=True, on_step=True, on_epoch=False)
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self.history or self.history[-1][0] != trainer.global_step:
-            self._evaluate(trainer, pl_module)  # pl_module.log is not allowed in on_train_end
+    def finish(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
-            os.makedirs(self._log_dir, exist_ok=True)
+            os.makedirs(self.log_dir, exist_ok=True)
             step, value = self.history[-1]
             record = {
                 "metric": self.metric,
@@ -89,7 +87,7 @@ class SampleMetricCallback(L.Callback):
                 "bandwidth": self.bandwidth,
                 "history": self.history,
             }
-            with open(os.path.join(self._log_dir, "metrics.json"), "w") as f:
+            with open(os.path.join(self.log_dir, "metrics.json"), "w") as f:
                 json.dump(record, f, indent=2)
 
     @property

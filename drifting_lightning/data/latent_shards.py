@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from drifting_lightning.data.image_sources import FolderSource, ImageSource
-from drifting_lightning.data.vae import resolve_vae_dir, vae_fingerprint
+from drifting_lightning.models.vae import resolve_vae_dir, vae_fingerprint
 
 log = logging.getLogger(__name__)
 

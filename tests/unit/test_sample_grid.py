@@ -76,7 +76,7 @@ def test_decode_hook_and_unconditional_rows():
     grid = SampleGridCallback(samples_per_class=2, max_classes=3, alpha=1.5)
     plain = grid.grids(module)[1.5]
     assert plain.shape == (3, 3 * 10 + 2, 2 * 10 + 2)  # unconditional: max_classes rows
-    module.decode_samples = lambda x: torch.ones_like(x)  # a latent run's decoder, here: all white
+    module.decoder = lambda x: torch.ones_like(x)  # a latent run's decoder, here: all white
     decoded = grid.grids(module)[1.5]
     assert decoded[:, 2:10, 2:10].min() == 1.0
 
