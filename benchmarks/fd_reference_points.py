@@ -22,10 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from drifting_lightning.metrics.npz import through_uint8  # noqa: E402
 from drifting_lightning.data.images import IDXDataModule  # noqa: E402
 from drifting_lightning.metrics.extractors import ClassifierExtractor  # noqa: E402
 from drifting_lightning.metrics.frechet import FrechetDistance  # noqa: E402
+from drifting_lightning.metrics.npz import through_uint8  # noqa: E402
 
 
 def fd_against(reference: FrechetDistance, extractor: ClassifierExtractor, images: torch.Tensor, batch: int) -> float:

@@ -6,6 +6,7 @@ import importlib
 import os
 import re
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
 import lightning.pytorch as pl
@@ -17,6 +18,9 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from drifting_lightning import registry
 from drifting_lightning.callbacks.resilience import harden_trainer, resolve_last_checkpoint, verify_ckpt_path_argument
 
+# Warnings that every drifting run triggers on purpose: the frozen encoder and the EMA copy are in eval mode, and the
+# training streams have an exact __len__ (they split their steps among workers). Silenced for command-line runs only.
+EXPECTED_WARNINGS = (r"Found \d+ module\(s\) in eval mode", r"Your `IterableDataset` has `__len__` defined")
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError, RuntimeError, MisconfigurationException)
 
 
@@ -36,6 +40,8 @@ class DriftingCLI(LightningCLI):
     """LightningCLI with any LightningModule / LightningDataModule selected by class name in the config."""
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
+        for message in EXPECTED_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=UserWarning)
         registry.load_components()
         super().__init__(
             model_class=pl.LightningModule,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -24,9 +23,6 @@ from drifting_lightning.models.vae import LatentDecoder
 from drifting_lightning.parallel import clip_fsdp_gradients, full_parameters, shard_fsdp2, wrap_fsdp
 from drifting_lightning.sampling.guidance import GuidanceSampler, guidance_weight
 from drifting_lightning.sampling.labels import balanced_labels
-
-# The frozen encoder and the EMA copy are in eval mode on purpose; Lightning warns about any module in eval mode.
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
 
 
 class NonFiniteLossError(RuntimeError):

@@ -23,7 +23,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from drifting_lightning.callbacks.periodic import PeriodicCallback, fixed_noise, tensorboards
+from drifting_lightning.callbacks.periodic import MetricCallback, fixed_noise, tensorboards
 from drifting_lightning.callbacks.sample_grid import alpha_tag, as_alpha_list, generator_classes
 from drifting_lightning.encoders.base import FeatureEncoder
 from drifting_lightning.metrics.extractors import ClassifierExtractor, EncoderExtractor, InceptionExtractor
@@ -144,7 +144,7 @@ def sweep_figure(alphas: Sequence[float], values: Sequence[float], name: str, st
     return fig
 
 
-class FrechetCallback(PeriodicCallback):
+class FrechetCallback(MetricCallback):
     """Every ``every_n_steps`` optimiser steps and at the end of training: the Frechet distance between
     ``num_samples`` EMA samples (class-balanced labels: sample i has class i mod K) and reference statistics, at
     each guidance scale in ``alphas``.
@@ -170,8 +170,6 @@ class FrechetCallback(PeriodicCallback):
     DDP: every rank samples its share (noise seeded with ``seed + rank``, the same at every evaluation), the
     metric sums the feature statistics across ranks and every rank computes the same value.
     """
-
-    global_zero_only = False  # a collective: every rank samples its share
 
     def __init__(
         self,
@@ -199,18 +197,10 @@ class FrechetCallback(PeriodicCallback):
         if metric_kind(metric) == "classifier" and checkpoint is None:
             make_extractor(metric)  # raises the error that says where the classifier file comes from
         super().__init__(every_n_steps)
-        self.num_samples = num_samples
-        self.alphas = as_alpha_list(alphas)
-        self.metric = metric
+        self.num_samples, self.alphas, self.metric = num_samples, as_alpha_list(alphas), metric
         self.checkpoint, self.weights, self.encoder, self.feature_key = checkpoint, weights, encoder, feature_key
-        self.reference_npz = reference_npz
-        self.num_reference = num_reference
-        self.reference_split = reference_split
-        self.cache_dir = cache_dir
-        self.batch_size = batch_size
-        self.seed = seed
-        self.tag = tag
-        self.history: list[tuple[int, dict[str, float]]] = []
+        self.reference_npz, self.num_reference, self.reference_split = reference_npz, num_reference, reference_split
+        self.cache_dir, self.batch_size, self.seed, self.tag = cache_dir, batch_size, seed, tag
         self.disabled = False
         self.name: str | None = None  # known once the extractor is built
         self._extractor: nn.Module | None = None
@@ -222,9 +212,6 @@ class FrechetCallback(PeriodicCallback):
         if self.tag is None:
             return self._generate_state_key(metric=self.metric)
         return self._generate_state_key(metric=self.metric, tag=self.tag)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [(int(s), {k: float(v) for k, v in d.items()}) for s, d in state_dict.get("history", [])]
@@ -259,18 +246,8 @@ class FrechetCallback(PeriodicCallback):
                 "mu and sigma, or leave it unset to compute the statistics from the DataModule's real samples"
             )
 
-    def last_step(self) -> int:
-        return self.history[-1][0] if self.history else -1
-
     def runs_here(self, trainer: L.Trainer) -> bool:
         return not self.disabled
-
-    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, final: bool) -> None:
-        values = self.evaluate(trainer, pl_module)
-        if not final:  # pl_module.log is not allowed in on_train_end
-            for key, value in values.items():
-                # logger=False: the loggers have it at this exact step already; this feeds callback_metrics.
-                pl_module.log(key, value, logger=False, on_step=True, on_epoch=False)
 
     def finish(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:

@@ -82,3 +82,34 @@ class PeriodicCallback(L.Callback):
             self.run(trainer, pl_module, final=True)
             self._last_step = trainer.global_step
         self.finish(trainer, pl_module)
+
+
+class MetricCallback(PeriodicCallback):
+    """A periodic metric: ``evaluate(trainer, pl_module) -> {key: value}`` runs on every rank (a collective: every
+    rank gets the same values), appends ``(step, ...)`` to ``history`` (kept in checkpoints, so a resumed run does
+    not repeat its last evaluation) and writes to the loggers. During training the values are also
+    ``pl_module.log``-ged without logger, so they are in ``trainer.callback_metrics`` for ModelCheckpoint."""
+
+    global_zero_only = False
+    prog_bar = False  # show the values in the progress bar
+
+    def __init__(self, every_n_steps: int) -> None:
+        super().__init__(every_n_steps)
+        self.history: list[tuple[int, Any]] = []
+
+    def last_step(self) -> int:
+        return self.history[-1][0] if self.history else -1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history}
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        raise NotImplementedError
+
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, final: bool) -> None:
+        values = self.evaluate(trainer, pl_module)
+        if not final:  # pl_module.log is not allowed in on_train_end
+            for key, value in values.items():
+                # logger=False: the loggers have it at this exact step already (self.log would wait for
+                # log_every_n_steps); this feeds callback_metrics and the progress bar.
+                pl_module.log(key, value, logger=False, prog_bar=self.prog_bar, on_step=True, on_epoch=False)

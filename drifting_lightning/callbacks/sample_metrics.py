@@ -11,13 +11,13 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from drifting_lightning.callbacks.periodic import PeriodicCallback, datamodule_of, fixed_noise
+from drifting_lightning.callbacks.periodic import MetricCallback, datamodule_of, fixed_noise
 from drifting_lightning.metrics.energy import energy_distance, gaussian_mmd2, median_bandwidth
 
 METRICS = ("energy_distance", "mmd")
 
 
-class SampleMetricCallback(PeriodicCallback):
+class SampleMetricCallback(MetricCallback):
     """Every ``every_n_steps`` optimiser steps and at the end of training: the metric between
     ``pl_module.sample(num_samples, use_ema=use_ema, generator=g)`` and ONE target sample
     ``real_samples(num_samples, seed=seed)`` drawn at the first evaluation; g is seeded with ``seed`` each
@@ -34,7 +34,7 @@ class SampleMetricCallback(PeriodicCallback):
     MMD^2 with ``bandwidth`` (default: the median pairwise distance of the target sample).
     """
 
-    global_zero_only = False  # every rank evaluates: rank 0 computes, the others receive the value
+    prog_bar = True
 
     def __init__(
         self,
@@ -52,28 +52,15 @@ class SampleMetricCallback(PeriodicCallback):
         if num_samples < 2:
             raise ValueError(f"need num_samples >= 2, got {num_samples}")
         super().__init__(every_n_steps)
-        self.metric = metric
-        self.num_samples = num_samples
-        self.seed = seed
-        self.use_ema = use_ema
-        self.bandwidth = bandwidth
+        self.metric, self.num_samples, self.seed, self.use_ema, self.bandwidth = (
+            metric, num_samples, seed, use_ema, bandwidth
+        )
         self.last_value: float | None = None
-        self.history: list[tuple[int, float]] = []
         self._target: Tensor | None = None
 
     @property
     def name(self) -> str:
         return f"metrics/{self.metric}"
-
-    def last_step(self) -> int:
-        return self.history[-1][0] if self.history else -1
-
-    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, final: bool) -> None:
-        value = self._evaluate(trainer, pl_module)
-        if not final:  # pl_module.log is not allowed in on_train_end
-            # logger=False: the loggers already have it at this exact step (self.log would wait for
-            # log_every_n_steps); this puts it in trainer.callback_metrics and the progress bar.
-            pl_module.log(self.name, value, logger=False, prog_bar=True, on_step=True, on_epoch=False)
 
     def finish(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
@@ -94,9 +81,6 @@ class SampleMetricCallback(PeriodicCallback):
     def state_key(self) -> str:
         return self._generate_state_key(metric=self.metric)  # an energy and an MMD callback can sit side by side
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history}
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [(int(step), float(value)) for step, value in state_dict.get("history", [])]
         self.last_value = self.history[-1][1] if self.history else None
@@ -114,8 +98,8 @@ class SampleMetricCallback(PeriodicCallback):
             return gaussian_mmd2(generated, self._target, self.bandwidth)
         return energy_distance(generated, self._target)
 
-    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
-        """Compute on rank 0, share with every rank, record and write to the loggers."""
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        """{name: value}: computed on rank 0, shared with every rank, recorded and written to the loggers."""
         step = trainer.global_step
         value = self.compute(trainer, pl_module) if trainer.is_global_zero else 0.0
         value = float(trainer.strategy.broadcast(value, src=0))
@@ -123,4 +107,4 @@ class SampleMetricCallback(PeriodicCallback):
         self.history.append((step, value))
         for logger in trainer.loggers:
             logger.log_metrics({self.name: value}, step=step)
-        return value
+        return {self.name: value}
