@@ -18,8 +18,6 @@ import yaml
 from drifting_lightning.data import latent_shards as shards
 from drifting_lightning.data.latents import encode_latents
 from tests.integration.cli_helpers import REPO, run_drifting
-from tests.unit.test_inception_path import random_weights  # noqa: F401  (a fixture)
-from tests.unit.test_vae_latents import make_image_folder, make_tiny_vae
 
 TINY_GROUPS = {"positives": {"init_args": {"classes_per_step": 2, "positives_per_class": 4,
                                            "unconditional_per_class": 2}}}  # fmt: skip
@@ -53,14 +51,17 @@ def small_callbacks(config: str, inception_weights: Path) -> list[dict]:
     return callbacks
 
 
-def test_imagenet_latent_config_encodes_then_trains(tmp_path: Path, random_weights: Path):  # noqa: F811
+def test_imagenet_latent_config_encodes_then_trains(
+    tmp_path: Path, random_inception_weights: Path, make_tiny_vae, make_image_folder
+):
     vae = make_tiny_vae(tmp_path / "vae")
     images = make_image_folder(tmp_path / "images")
     cache = tmp_path / "latents"
+    callbacks = small_callbacks("imagenet.yaml", random_inception_weights)
     run = fit(
         "imagenet.yaml",
         {
-            "trainer": {**trainer_overrides(tmp_path), "callbacks": small_callbacks("imagenet.yaml", random_weights)},
+            "trainer": {**trainer_overrides(tmp_path), "callbacks": callbacks},
             "model": {"init_args": {
                 "generator": {"init_args": {"preset": "tiny"}},
                 "encoder": {"init_args": {"width": 8, "checkpoint": None}},
@@ -80,10 +81,7 @@ def test_imagenet_latent_config_encodes_then_trains(tmp_path: Path, random_weigh
 
     saved = yaml.safe_load((run / "config.yaml").read_text())
     model = saved["model"]["init_args"]
-    assert model["generator"]["init_args"]["preset"] == "tiny" and model["lr"] == 2e-4
-    assert model["weight_decay"] == 0.01 and model["warmup_steps"] == 5000 and model["ema_decay"] == 0.999
-    assert saved["trainer"]["gradient_clip_val"] == 2.0
-    assert saved["data"]["class_path"] == "drifting_lightning.data.latents.LatentDataModule"
+    assert model["generator"]["init_args"]["preset"] == "tiny"  # the override reached the run's saved config
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 2 and ckpt["LatentDataModule"]["positives"]["step"] == 2
     assert any(p.name.startswith("events.out.tfevents") for p in run.iterdir())
@@ -98,7 +96,7 @@ def test_imagenet_latent_config_encodes_then_trains(tmp_path: Path, random_weigh
     assert values["step"] == 2 and all(v > 0 for k, v in values.items() if k != "step")
 
 
-def test_imagenet_pixel_config_trains(tmp_path: Path):
+def test_imagenet_pixel_config_trains(tmp_path: Path, make_image_folder):
     images = make_image_folder(tmp_path / "images")
     run = fit(
         "imagenet_pixel.yaml",
@@ -116,13 +114,10 @@ def test_imagenet_pixel_config_trains(tmp_path: Path):
     )  # fmt: skip
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 2
-    assert (
-        yaml.safe_load((run / "config.yaml").read_text())["model"]["init_args"]["encoder"]["init_args"]["patchify"] == 8
-    )
 
 
 @pytest.mark.parametrize("config", ["mae/imagenet_latent.yaml", "mae/imagenet_latent_w640.yaml"])
-def test_latent_mae_configs_train_on_a_latent_cache(config: str, tmp_path: Path):
+def test_latent_mae_configs_train_on_a_latent_cache(config: str, tmp_path: Path, make_tiny_vae, make_image_folder):
     cache = tmp_path / "latents"
     encode_latents(make_image_folder(tmp_path / "images"), str(make_tiny_vae(tmp_path / "vae")), cache, resolution=64,
                    device="cpu", progress=False)  # fmt: skip

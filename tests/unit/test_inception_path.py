@@ -8,7 +8,6 @@ from unittest import mock
 
 import pytest
 import torch
-import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
 from torch_fidelity.metric_isc import isc_features_to_metric
 
 from drifting_lightning.encoders.base import Identity
@@ -24,23 +23,9 @@ from drifting_lightning.metrics.inception_score import inception_score
 
 
 @pytest.fixture(scope="module")
-def random_weights(tmp_path_factory):
-    """torch-fidelity's InceptionV3 built without loading weights; its random state_dict saved to a file."""
-    with (
-        mock.patch.object(tf_inception, "load_state_dict_from_url", lambda *a, **k: None),
-        mock.patch.object(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None),
-    ):
-        torch.manual_seed(0)
-        net = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    path = tmp_path_factory.mktemp("inception") / INCEPTION_FILENAME
-    torch.save(net.state_dict(), path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def extractor(random_weights):
+def extractor(random_inception_weights):
     with pytest.warns(UserWarning, match="not the published"):
-        return InceptionExtractor(str(random_weights))
+        return InceptionExtractor(str(random_inception_weights))
 
 
 def test_missing_weights_say_where_to_put_them(tmp_path, monkeypatch):
@@ -57,17 +42,17 @@ def test_missing_weights_say_where_to_put_them(tmp_path, monkeypatch):
         resolve_inception_weights()
 
 
-def test_lookup_order(tmp_path, monkeypatch, random_weights):
+def test_lookup_order(tmp_path, monkeypatch, random_inception_weights):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     monkeypatch.delenv(INCEPTION_ENV, raising=False)
     cached = tmp_path / "torch_home" / "hub" / "checkpoints" / INCEPTION_FILENAME
     cached.parent.mkdir(parents=True)
-    cached.symlink_to(random_weights)
+    cached.symlink_to(random_inception_weights)
     assert resolve_inception_weights() == cached
-    monkeypatch.setenv(INCEPTION_ENV, str(random_weights))
-    assert resolve_inception_weights() == random_weights
+    monkeypatch.setenv(INCEPTION_ENV, str(random_inception_weights))
+    assert resolve_inception_weights() == random_inception_weights
     explicit = tmp_path / "explicit.pth"
-    explicit.symlink_to(random_weights)
+    explicit.symlink_to(random_inception_weights)
     assert resolve_inception_weights(str(explicit)) == explicit
 
 
@@ -98,10 +83,10 @@ def test_end_to_end_features_fd_and_inception_score(extractor):
     assert math.isfinite(mean) and mean >= 1.0 and std >= 0
 
 
-def test_matches_torchmetrics_without_antialias(extractor, random_weights):
+def test_matches_torchmetrics_without_antialias(extractor, random_inception_weights):
     from torchmetrics.image.fid import NoTrainInceptionV3
 
-    tm = NoTrainInceptionV3("inception-v3-compat", ["2048"], str(random_weights), antialias=False)
+    tm = NoTrainInceptionV3("inception-v3-compat", ["2048"], str(random_inception_weights), antialias=False)
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
     torch.testing.assert_close(extractor(x), tm(extractor.network_input(x)), rtol=1e-5, atol=1e-5)
 

@@ -3,19 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import pickle
-import re
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.numpy import load_file
 
@@ -26,63 +18,15 @@ from drifting_lightning.encoders.resnet_mae import ResNetMAE
 from drifting_lightning.encoders.vae_bridge import VAEBridge
 from drifting_lightning.models.vae import VAECodec, load_vae, resolve_vae_dir, shared_codec, vae_fingerprint
 from drifting_lightning.sampling.positives import ClassAwareSampler
+from tests.conftest import FOLDER_CLASSES as CLASSES
+from tests.conftest import VAE_RES as RES
 
 REPO = Path(__file__).resolve().parents[2]
-RES = 32  # images 32x32 -> latents 4x16x16 with the tiny VAE (one 2x down-sampling)
-CLASSES = ("ant", "bee", "cat")
 
 
-def make_tiny_vae(path: Path, seed: int = 0) -> Path:
-    """A 44k-parameter AutoencoderKL (2x down-sampling, 4 latent channels) saved with save_pretrained."""
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=RES,
-    )
-    vae.save_pretrained(path)
-    return path
-
-
-def make_image_folder(root: Path, per_class: int = 4, corrupt: bool = True) -> Path:
-    """Random RGB images of assorted sizes in root/<class>/, plus one corrupt file in bee/ (12 + 1 files)."""
-    rng = np.random.default_rng(0)
-    for name in CLASSES:
-        (root / name).mkdir(parents=True)
-        for j in range(per_class):
-            size = (RES + 5 * j, RES + 9)
-            Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(root / name / f"{j}.png")
-    if corrupt:
-        (root / "bee" / "bad.png").write_bytes(b"not a png")
-    return root
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> dict[str, Path]:
-    base = tmp_path_factory.mktemp("latents")
-    paths = {
-        "vae": make_tiny_vae(base / "vae"),
-        "other_vae": make_tiny_vae(base / "other_vae", seed=1),
-        "images": make_image_folder(base / "images"),
-    }
-    paths["cache"] = base / "cache"
-    encode_latents(
-        paths["images"],
-        str(paths["vae"]),
-        paths["cache"],
-        resolution=RES,
-        batch_size=3,
-        shard_size=5,
-        device="cpu",
-        progress=False,
-    )
-    return paths
+@pytest.fixture
+def assets(latent_assets) -> dict[str, Path]:
+    return latent_assets
 
 
 def files_of(folder: Path) -> dict[str, bytes]:
@@ -97,7 +41,7 @@ def as_input(path: Path) -> torch.Tensor:
 
 
 # ---- load_vae / VAECodec / VAEBridge ------------------------------------------------------------------------------
-def test_load_vae_local_dtype_and_offline_errors(assets, tmp_path, monkeypatch):
+def test_load_vae_local_dtype_and_offline_errors(assets, tmp_path, monkeypatch, make_tiny_vae):
     vae = load_vae(str(assets["vae"]), dtype="bfloat16")
     assert next(vae.parameters()).dtype == torch.bfloat16 and not vae.training
     assert not any(p.requires_grad for p in vae.parameters())
@@ -214,86 +158,6 @@ def test_manifest_round_trip_and_missing_cache(assets, tmp_path):
         shards.read_manifest(tmp_path)
 
 
-def test_stale_temporaries_of_dead_or_old_writers_are_removed(tmp_path):
-    host = socket.gethostname()
-    shard = tmp_path / "shard-00003.safetensors"
-    names = {
-        "dead": f".{shard.name}.tmp-{host}-{_dead_pid()}",
-        "live": f".{shard.name}.tmp-{host}-{os.getpid()}",
-        "other_host": f".{shard.name}.tmp-elsewhere-{os.getpid()}",
-        "other_host_old": f".{shard.name}.tmp-elsewhere-1",
-    }
-    for name in names.values():
-        (tmp_path / name).write_bytes(b"partial")
-    os.utime(tmp_path / names["other_host_old"], (0, 0))
-    shards.remove_stale_temporaries(shard)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([names["live"], names["other_host"]])
-
-
-def _dead_pid() -> int:
-    """The pid of a process that has exited (not reused within the test, in practice)."""
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
-
-
-_KILLED_RUN = """
-import os, signal, sys
-from drifting_lightning.data import latent_shards
-from drifting_lightning.data.latents import main
-
-real_write, calls = latent_shards.write_safetensors, []
-
-def write_then_die(arrays, filename, metadata):
-    calls.append(filename)
-    if len(calls) == 1:
-        return real_write(arrays, filename, metadata)
-    with open(filename, "wb") as f:  # SIGKILL halfway through writing the second shard
-        f.write(b"\\0" * 100)
-    os.kill(os.getpid(), signal.SIGKILL)
-
-latent_shards.write_safetensors = write_then_die
-main(sys.argv[1:])
-"""
-
-
-def test_killed_encode_resumes_to_the_same_bytes(assets, tmp_path):
-    args = [
-        "--data",
-        str(assets["images"]),
-        "--vae",
-        str(assets["vae"]),
-        "--resolution",
-        str(RES),
-        "--batch-size",
-        "3",
-        "--shard-size",
-        "5",
-        "--device",
-        "cpu",
-        "--num-workers",
-        "0",
-        "--no-progress",
-    ]
-    out = tmp_path / "cache"
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    killed = subprocess.run(
-        [sys.executable, "-c", _KILLED_RUN, *args, "--out", str(out)],
-        env=env,
-        timeout=120,
-        capture_output=True,
-        text=True,
-    )
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    names = sorted(p.name for p in out.iterdir())
-    assert names[0].startswith(".shard-00001.safetensors.tmp-") and names[1:] == ["shard-00000.safetensors"]
-    first = (out / "shard-00000.safetensors").stat()
-
-    assert main([*args, "--out", str(out)]) == 0
-    assert files_of(out) == files_of(assets["cache"])  # same names, same bytes; the partial temporary is gone
-    assert (out / "shard-00000.safetensors").stat().st_mtime_ns == first.st_mtime_ns  # not encoded twice
-
-
 def test_damaged_shard_reencoded_and_ranks_share_the_work(assets, tmp_path, caplog):
     kw = dict(resolution=RES, batch_size=3, shard_size=5, device="cpu", progress=False)
     out = tmp_path / "ranks"
@@ -331,60 +195,7 @@ def test_mismatched_vae_or_resolution_is_refused(assets, tmp_path):
         LatentDataModule(str(tmp_path / "none")).prepare_data()
 
 
-# ---- LatentDataModule --------------------------------------------------------------------------------------------
-def test_latent_datamodule_batches_flips_and_state(assets):
-    def make(**kw) -> LatentDataModule:
-        return LatentDataModule(
-            str(assets["cache"]), positives=ClassAwareSampler(2, 3, 2), steps_per_epoch=6, resolution=RES, **kw
-        )
-
-    dm = make(vae=str(assets["vae"]))
-    dm.prepare_data()
-    dm.setup()
-    assert dm.sample_shape == (4, 16, 16) and dm.num_classes == 3
-    assert dm.vae_path == str(assets["vae"]) and dm.scale_factor == pytest.approx(0.18215)
-    assert make().vae_path == str(assets["vae"])  # from the manifest
-    stored = {}  # per class: every stored latent (image and flip) as bytes
-    for p in sorted(assets["cache"].glob("shard-*.safetensors")):
-        sample, labels = shards.open_array(p, "sample"), shards.open_array(p, "labels")
-        for latents, c in zip(sample, labels):
-            stored.setdefault(int(c), []).append([v.astype(np.float32).tobytes() for v in latents])
-    batches = list(dm.train_dataloader())
-    assert len(batches) == 6
-    views = []
-    for b in batches:
-        assert b["positives"].shape == (2, 3, 4, 16, 16) and b["unconditional"].shape == (2, 2, 4, 16, 16)
-        assert b["labels"].shape == (2,) and b["labels"].dtype == torch.int64
-        for row, c in zip(b["positives"], b["labels"].tolist()):
-            for latent in row:  # each positive is a stored latent of its group's class, image or flip
-                view = [v.index(latent.numpy().tobytes()) for v in stored[c] if latent.numpy().tobytes() in v]
-                assert len(view) == 1
-                views.append(view[0])
-    assert 0 < sum(views) < len(views)  # both the image and the flip are drawn
-
-    resumed = make()
-    resumed.load_state_dict({"positives": {"kind": "ClassAwareSampler", "seed": 0, "step": 4}})
-    resumed.setup()
-    for a, b in zip(batches[4:], list(resumed.train_dataloader())):
-        assert all(torch.equal(a[k], b[k]) for k in a)
-
-    source = dm.source("train")
-    assert len(pickle.dumps(source)) < 20_000  # workers reopen the memory maps, no array data is sent
-    workers = make(num_workers=2)
-    workers.setup()
-    for a, b in zip(batches, list(workers.train_dataloader()), strict=True):
-        assert all(torch.equal(a[k], b[k]) for k in a)
-    real, labels = dm.real_samples(5, seed=1)
-    assert real.shape == (5, 4, 16, 16) and torch.equal(real, dm.real_samples(5, seed=1)[0])
-    means = make(use_mean=True)
-    means.setup()
-    first = np.asarray(shards.open_array(assets["cache"] / "shard-00000.safetensors", "mean")[0, 0]).astype(np.float32)
-    torch.testing.assert_close(means.source("train").load(np.array([0]))[0], torch.from_numpy(first))
-    with pytest.raises(ValueError, match="needs val_root"):
-        dm.real_samples(2, "val")
-
-
-def test_main_mean_only_and_imagenet_layout(assets, tmp_path, capsys):
+def test_main_mean_only_and_imagenet_layout(assets, tmp_path, capsys, make_image_folder):
     imagenet = tmp_path / "imagenet"
     make_image_folder(imagenet / "train", per_class=2, corrupt=False)
     make_image_folder(imagenet / "val", per_class=1, corrupt=False)
@@ -420,62 +231,3 @@ def test_main_mean_only_and_imagenet_layout(assets, tmp_path, capsys):
     assert next(iter(dm.train_dataloader()))["positives"].shape == (3, 2, 4, 16, 16)
 
 
-@pytest.mark.slow
-def test_encode_benchmark_quick_prints_its_table():
-    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "encode_latents.py"), "--quick"],
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "| VAE | parameters | batch | VAE only img/s | end to end img/s | ImageNet train (1.28M) |" in out.stdout
-    assert re.search(r"^\| tiny VAE \| 0\.08M \| 8 \| [\d.]+ \| [\d.]+ \| [\d,]+ h \|$", out.stdout, re.M)
-
-
-def test_latent_generator_trains_through_vae_bridge(assets, tmp_path):
-    import lightning as L
-
-    from drifting_lightning.models.dit import DiT
-    from drifting_lightning.module import DriftingModule
-
-    dm = LatentDataModule(str(assets["cache"]), positives=ClassAwareSampler(2, 3, 2), steps_per_epoch=2, resolution=RES)
-    pixel = ResNetMAE(in_channels=3, width=8, stages=(1, 1), input_size=RES, patchify=4)
-    module = DriftingModule(DiT("tiny", input_size=16, num_classes=3), encoder=VAEBridge(str(assets["vae"]), pixel),
-                            generated_per_group=3)  # fmt: skip
-    zero = [p for p in module.generator.parameters() if not p.detach().any()]  # zero-initialised output layer
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
-    trainer.fit(module, dm)
-    assert trainer.global_step == 2 and torch.isfinite(trainer.callback_metrics["train/loss"])
-    # Only a gradient moves a zero weight (weight decay keeps it at 0): the drift gradient reached the generator
-    # through the pixel encoder and the VAE decoder.
-    assert zero and any(p.detach().any() for p in zero)
-    assert not any(p.requires_grad for p in module.encoder.parameters())
-
-
-_CTRL_C_RUN = """
-import os, signal, sys
-from drifting_lightning.data import latent_shards
-from drifting_lightning.data.latents import main
-
-real_write = latent_shards.write_encoded_shard
-
-def write_then_ctrl_c(*args, **kwargs):
-    real_write(*args, **kwargs)  # the first shard is complete
-    os.killpg(os.getpgid(0), signal.SIGINT)  # Ctrl-C reaches the whole process group, workers included
-
-latent_shards.write_encoded_shard = write_then_ctrl_c
-sys.exit(main(sys.argv[1:]))
-"""
-
-
-def test_ctrl_c_keeps_the_complete_shards_and_says_how_to_resume(assets, tmp_path):
-    args = ["--data", str(assets["images"]), "--vae", str(assets["vae"]), "--resolution", str(RES), "--batch-size",
-            "3", "--shard-size", "5", "--device", "cpu", "--num-workers", "2", "--no-progress"]  # fmt: skip
-    out = tmp_path / "cache"
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    stopped = subprocess.run([sys.executable, "-c", _CTRL_C_RUN, *args, "--out", str(out)], env=env, timeout=120,
-                             capture_output=True, text=True, start_new_session=True)  # fmt: skip
-    assert stopped.returncode == 130, stopped.stderr[-2000:]
-    assert f"interrupted: the complete shards in {out} are kept" in stopped.stderr
-    assert "Traceback" not in stopped.stderr, stopped.stderr[-2000:]
-    assert (out / "shard-00000.safetensors").is_file() and not (out / shards.MANIFEST).exists()
-    assert main([*args, "--out", str(out)]) == 0
-    assert files_of(out) == files_of(assets["cache"])
