@@ -174,3 +174,9 @@ def latent_assets(tmp_path_factory, make_tiny_vae, make_image_folder) -> dict[st
         device="cpu", progress=False,
     )  # fmt: skip
     return paths
+
+
+@pytest.fixture
+def files_of() -> Callable[[Path], dict[str, bytes]]:
+    """``files_of(folder)``: {file name: bytes} of a folder's files, to compare two folders byte for byte."""
+    return lambda folder: {p.name: p.read_bytes() for p in sorted(folder.iterdir())}

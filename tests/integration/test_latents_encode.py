@@ -25,15 +25,6 @@ from tests.conftest import VAE_RES as RES
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def assets(latent_assets) -> dict[str, Path]:
-    return latent_assets
-
-
-def files_of(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
-
-
 def test_stale_temporaries_of_dead_or_old_writers_are_removed(tmp_path):
     host = socket.gethostname()
     shard = tmp_path / "shard-00003.safetensors"
@@ -77,12 +68,12 @@ main(sys.argv[1:])
 """
 
 
-def test_killed_encode_resumes_to_the_same_bytes(assets, tmp_path):
+def test_killed_encode_resumes_to_the_same_bytes(latent_assets, tmp_path, files_of):
     args = [
         "--data",
-        str(assets["images"]),
+        str(latent_assets["images"]),
         "--vae",
-        str(assets["vae"]),
+        str(latent_assets["vae"]),
         "--resolution",
         str(RES),
         "--batch-size",
@@ -110,25 +101,25 @@ def test_killed_encode_resumes_to_the_same_bytes(assets, tmp_path):
     first = (out / "shard-00000.safetensors").stat()
 
     assert main([*args, "--out", str(out)]) == 0
-    assert files_of(out) == files_of(assets["cache"])  # same names, same bytes; the partial temporary is gone
+    assert files_of(out) == files_of(latent_assets["cache"])  # same names, same bytes; the partial temporary is gone
     assert (out / "shard-00000.safetensors").stat().st_mtime_ns == first.st_mtime_ns  # not encoded twice
 
 
 # ---- LatentDataModule --------------------------------------------------------------------------------------------
-def test_latent_datamodule_batches_flips_and_state(assets):
+def test_latent_datamodule_batches_flips_and_state(latent_assets):
     def make(**kw) -> LatentDataModule:
         return LatentDataModule(
-            str(assets["cache"]), positives=ClassAwareSampler(2, 3, 2), steps_per_epoch=6, resolution=RES, **kw
+            str(latent_assets["cache"]), positives=ClassAwareSampler(2, 3, 2), steps_per_epoch=6, resolution=RES, **kw
         )
 
-    dm = make(vae=str(assets["vae"]))
+    dm = make(vae=str(latent_assets["vae"]))
     dm.prepare_data()
     dm.setup()
     assert dm.sample_shape == (4, 16, 16) and dm.num_classes == 3
-    assert dm.vae_path == str(assets["vae"]) and dm.scale_factor == pytest.approx(0.18215)
-    assert make().vae_path == str(assets["vae"])  # from the manifest
+    assert dm.vae_path == str(latent_assets["vae"]) and dm.scale_factor == pytest.approx(0.18215)
+    assert make().vae_path == str(latent_assets["vae"])  # from the manifest
     stored = {}  # per class: every stored latent (image and flip) as bytes
-    for p in sorted(assets["cache"].glob("shard-*.safetensors")):
+    for p in sorted(latent_assets["cache"].glob("shard-*.safetensors")):
         sample, labels = shards.open_array(p, "sample"), shards.open_array(p, "labels")
         for latents, c in zip(sample, labels):
             stored.setdefault(int(c), []).append([v.astype(np.float32).tobytes() for v in latents])
@@ -161,7 +152,9 @@ def test_latent_datamodule_batches_flips_and_state(assets):
     assert real.shape == (5, 4, 16, 16) and torch.equal(real, dm.real_samples(5, seed=1)[0])
     means = make(use_mean=True)
     means.setup()
-    first = np.asarray(shards.open_array(assets["cache"] / "shard-00000.safetensors", "mean")[0, 0]).astype(np.float32)
+    first = np.asarray(shards.open_array(latent_assets["cache"] / "shard-00000.safetensors", "mean")[0, 0]).astype(
+        np.float32
+    )
     torch.testing.assert_close(means.source("train").load(np.array([0]))[0], torch.from_numpy(first))
     with pytest.raises(ValueError, match="needs val_root"):
         dm.real_samples(2, "val")
@@ -179,16 +172,18 @@ def test_encode_benchmark_quick_measures_the_tiny_vae(capsys):
     assert "| tiny VAE |" in capsys.readouterr().out
 
 
-def test_latent_generator_trains_through_vae_bridge(assets, tmp_path):
+def test_latent_generator_trains_through_vae_bridge(latent_assets, tmp_path):
     import lightning as L
 
     from drifting_lightning.models.dit import DiT
     from drifting_lightning.module import DriftingModule
 
-    dm = LatentDataModule(str(assets["cache"]), positives=ClassAwareSampler(2, 3, 2), steps_per_epoch=2, resolution=RES)
+    dm = LatentDataModule(
+        str(latent_assets["cache"]), positives=ClassAwareSampler(2, 3, 2), steps_per_epoch=2, resolution=RES
+    )
     pixel = ResNetMAE(in_channels=3, width=8, stages=(1, 1), input_size=RES, patchify=4)
-    module = DriftingModule(DiT("tiny", input_size=16, num_classes=3), encoder=VAEBridge(str(assets["vae"]), pixel),
-                            generated_per_group=3)  # fmt: skip
+    bridge = VAEBridge(str(latent_assets["vae"]), pixel)
+    module = DriftingModule(DiT("tiny", input_size=16, num_classes=3), encoder=bridge, generated_per_group=3)
     zero = [p for p in module.generator.parameters() if not p.detach().any()]  # zero-initialised output layer
     trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
@@ -216,9 +211,10 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_ctrl_c_keeps_the_complete_shards_and_says_how_to_resume(assets, tmp_path):
-    args = ["--data", str(assets["images"]), "--vae", str(assets["vae"]), "--resolution", str(RES), "--batch-size",
-            "3", "--shard-size", "5", "--device", "cpu", "--num-workers", "2", "--no-progress"]  # fmt: skip
+def test_ctrl_c_keeps_the_complete_shards_and_says_how_to_resume(latent_assets, tmp_path, files_of):
+    args = ["--data", str(latent_assets["images"]), "--vae", str(latent_assets["vae"]), "--resolution", str(RES),
+            "--batch-size", "3", "--shard-size", "5", "--device", "cpu", "--num-workers", "2",
+            "--no-progress"]  # fmt: skip
     out = tmp_path / "cache"
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     stopped = subprocess.run([sys.executable, "-c", _CTRL_C_RUN, *args, "--out", str(out)], env=env, timeout=120,
@@ -228,4 +224,4 @@ def test_ctrl_c_keeps_the_complete_shards_and_says_how_to_resume(assets, tmp_pat
     assert "Traceback" not in stopped.stderr, stopped.stderr[-2000:]
     assert (out / "shard-00000.safetensors").is_file() and not (out / shards.MANIFEST).exists()
     assert main([*args, "--out", str(out)]) == 0
-    assert files_of(out) == files_of(assets["cache"])
+    assert files_of(out) == files_of(latent_assets["cache"])
