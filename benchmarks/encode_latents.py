@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from drifting_lightning.data.latents import encode_latents  # noqa: E402
-from drifting_lightning.data.vae import SD_VAE_CONFIG, VAECodec, as_dtype  # noqa: E402
+from drifting_lightning.models.vae import SD_VAE_CONFIG, VAECodec, as_dtype  # noqa: E402
 
 IMAGENET_TRAIN = 1_281_167
 # SD-VAE's four levels (8x down-sampling) at test widths: the cost shape of the real VAE, tiny.
@@ -90,7 +90,8 @@ def end_to_end(folder: Path, vae: Path, out: Path, args: argparse.Namespace, bat
     return manifest["count"] / (time.perf_counter() - start)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Prints the table; returns its rows as dicts (for tests and scripts)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--resolution", type=int, default=256)
@@ -99,7 +100,7 @@ def main() -> None:
     parser.add_argument("--vae-dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--quick", action="store_true", help="tiny VAE only, 64x64, 8 images")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
@@ -116,6 +117,7 @@ def main() -> None:
           f"{torch.get_num_threads()}, torch {torch.__version__}, image workers {args.num_workers}\n")  # fmt: skip
     print("| VAE | parameters | batch | VAE only img/s | end to end img/s | ImageNet train (1.28M) |")
     print("|---|---:|---:|---:|---:|---:|")
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for name, config, batch, images, repeats in cases:
@@ -130,6 +132,9 @@ def main() -> None:
             rate = end_to_end(folder, work / name, work / f"{name}-cache", args, batch, max(1, images // 2))
             hours = IMAGENET_TRAIN / rate / 3600
             print(f"| {name} | {params / 1e6:.2f}M | {batch} | {fast:#.3g} | {rate:#.3g} | {hours:,.0f} h |")
+            rows.append({"vae": name, "parameters": params, "batch": batch, "vae_images_per_s": fast,
+                         "end_to_end_images_per_s": rate, "imagenet_hours": hours})  # fmt: skip
+    return rows
 
 
 if __name__ == "__main__":

@@ -178,7 +178,8 @@ def loss_cells(a: dict, b: dict) -> list[Any]:
             mb(b["extra"]), mb(own_unchunked)]
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> list[tuple[str, tuple[str, ...], dict]]:
+    """Prints both tables; returns their rows: (case, families, {(chunked, "full" | "loss"): measurements})."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="2 groups of 4, encoder width 8, the first and last families row (smoke test)")
@@ -228,6 +229,7 @@ def main(argv: list[str] | None = None) -> None:
                  "(extra - gradient) / budget", "loss ms unchunked", "peak extra unchunked",
                  "extra - gradient unchunked"], results, "loss", loss_cells)  # fmt: skip
     print(f"\nload average {' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end")
+    return results
 
 
 if __name__ == "__main__":

@@ -22,17 +22,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from drifting_lightning.callbacks.frechet import quantize  # noqa: E402
 from drifting_lightning.data.images import IDXDataModule  # noqa: E402
 from drifting_lightning.metrics.extractors import ClassifierExtractor  # noqa: E402
 from drifting_lightning.metrics.frechet import FrechetDistance  # noqa: E402
+from drifting_lightning.metrics.npz import through_uint8  # noqa: E402
 
 
 def fd_against(reference: FrechetDistance, extractor: ClassifierExtractor, images: torch.Tensor, batch: int) -> float:
     metric = FrechetDistance(extractor)
     metric.set_reference(*reference.statistics(real=True))
     for x in images.split(batch):
-        metric.update(quantize(x), real=False)
+        metric.update(through_uint8(x), real=False)
     return float(metric.compute())
 
 
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     reference = FrechetDistance(extractor)
     with torch.no_grad():
         for x in data.real_samples(args.num, split="train", seed=args.seed)[0].split(args.batch_size):
-            reference.update(quantize(x), real=True)
+            reference.update(through_uint8(x), real=True)
         train, labels = data.real_samples(None, split="train", seed=args.seed)
         rows = {
             "held-out test images": data.real_samples(args.num, split="test", seed=args.seed)[0],

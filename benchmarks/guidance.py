@@ -29,6 +29,7 @@ import argparse
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -133,7 +134,10 @@ def save_panels(samples: Tensor, per_class: int, path: str, scale: int) -> None:
     save_image(torch.nn.functional.interpolate(joined[None], scale_factor=scale, mode="nearest")[0], path)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Prints the tables; returns them: {"classifier_accuracy", "ideal": {alpha: (TV, removed, accuracy)},
+    "generator": {alpha: (accuracy, P(c|x), |pixel|, within-class std, move)}, "real": (the same for held-out images),
+    "hardest": {alpha: (accuracy, P(c|x))} (with --hard-grid)}."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a training checkpoint or an export directory")
     parser.add_argument("--data", choices=["digits", "idx"], default="digits")
@@ -166,8 +170,10 @@ def main(argv: list[str] | None = None) -> None:
     print("\nideal: the guided target alpha p(.|c) - (alpha - 1) p(.) on held-out real images")
     print("| alpha | TV to p(.|c) | share of p(.|c) removed | classifier accuracy |")
     print("|---|---|---|---|")
+    result: dict[str, Any] = {"classifier_accuracy": correct.double().mean().item(), "ideal": {}, "hardest": {}}
     for a in alphas:
         tv, removed, accuracy = ideal_row(posterior, prior[test_y], correct, a)
+        result["ideal"][a] = (tv, removed, accuracy)
         print(f"| {a:g} | {tv:.3f} | {removed:.3f} | {accuracy:.3f} |")
 
     if Path(args.checkpoint).is_dir() and not is_distributed_checkpoint(args.checkpoint):
@@ -181,8 +187,10 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|---|")
     for a, (acc, pc, contrast, std, move) in zip(alphas, rows):
         print(f"| {a:g} | {acc:.3f} | {pc:.3f} | {contrast:.3f} | {std:.3f} | {move:.3f} |")
+    result["generator"] = dict(zip(alphas, rows))
     real = test_x.flatten(1)
     real_std = np.mean([real[test_y == c].std(0).mean().item() for c in range(num_classes)])
+    result["real"] = (result["classifier_accuracy"], posterior.mean().item(), real.abs().mean().item(), real_std)
     print(f"| real (held-out) | {correct.double().mean():.3f} | {posterior.mean():.3f} | {real.abs().mean():.3f} "
           f"| {real_std:.3f} | - |")  # fmt: skip
     if args.grid:
@@ -202,9 +210,11 @@ def main(argv: list[str] | None = None) -> None:
         for a, p_all in zip(alphas, probabilities):
             p = p_all[keep]
             accuracy = (p.argmax(1) == labels).float().mean().item()
-            print(f"| {a:g} | {accuracy:.3f} | {p[torch.arange(len(keep)), labels].mean():.3f} |")
+            result["hardest"][a] = (accuracy, p[torch.arange(len(keep)), labels].mean().item())
+            print(f"| {a:g} | {accuracy:.3f} | {result['hardest'][a][1]:.3f} |")
         save_panels(samples[:, keep], k, args.hard_grid, args.grid_scale)
         print(f"wrote {args.hard_grid}")
+    return result
 
 
 if __name__ == "__main__":

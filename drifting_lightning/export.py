@@ -107,7 +107,7 @@ def export_generator(
             raise TypeError(f"{type(module).__name__} is neither a generator nor a module with one")
         cls, init_args = type(gen), generator_init_args(gen)
         source = {"module": class_path(type(module))}
-        needs_decoding = hasattr(module, "decode_samples")
+        needs_decoding = getattr(module, "decoder", None) is not None  # a latent DriftingModule
     else:
         ckpt_path = Path(module_or_ckpt).expanduser()
         ckpt = read_checkpoint(ckpt_path)

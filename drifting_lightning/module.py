@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -21,12 +20,11 @@ from drifting_lightning.drift.loss import DriftingLoss
 from drifting_lightning.encoders.base import FeatureEncoder, Identity
 from drifting_lightning.fit_checks import check_generator_fits_data
 from drifting_lightning.models.base import Generator
+from drifting_lightning.models.vae import LatentDecoder
 from drifting_lightning.parallel import clip_fsdp_gradients, full_parameters, shard_fsdp2, wrap_fsdp
 from drifting_lightning.rng import torch_generator
 from drifting_lightning.sampling.guidance import GuidanceSampler, guidance_weight
-
-# The frozen encoder and the EMA copy are in eval mode on purpose; Lightning warns about any module in eval mode.
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
+from drifting_lightning.sampling.labels import balanced_labels
 
 
 class NonFiniteLossError(RuntimeError):
@@ -41,7 +39,7 @@ class DriftingModule(pl.LightningModule):
     negatives (PAPER.md 5). generated_per_group: N_neg, generated samples per class group.
     Optimiser: AdamW(lr, betas, weight_decay), linear warmup over ``warmup_steps`` then constant (paper Table 8).
     ema_decay: EMA of the generator, used for ``sample`` and evaluation. vae: local path (or, with vae_allow_hub, a hub
-    id) of the VAE whose latents the generator makes; it adds ``decode_samples`` for grids and metrics.
+    id) of the VAE whose latents the generator makes: ``decoder`` (None for a pixel run) decodes them for metrics.
     nonfinite: "stop" (save ``nonfinite-step<k>.ckpt`` with the last finite weights and raise) or "skip" (skip the
     step) on a NaN/Inf loss or gradient (gradients are checked before clipping, except under 16-mixed, whose gradient
     scaler skips such steps itself). Under "skip", ``max_consecutive_skips`` skipped steps in a row stop the run as
@@ -106,10 +104,8 @@ class DriftingModule(pl.LightningModule):
         self._grad_norm: Tensor | None = None  # this step's global gradient norm, for the check and the clipping
         self._skipped = False  # this step was skipped (nonfinite="skip")
         self._skips = self._skips_in_a_row = self._steps = 0  # of this fit
-        if vae is not None:
-            # Latent run: grids, FID and `drifting sample` decode through this. An instance attribute, so that
-            # hasattr(module, "decode_samples") tells latent modules from pixel ones.
-            self.decode_samples = self._decode_latents
+        # A latent run's samples are decoded to images for grids, Frechet metrics and `drifting sample`.
+        self.decoder = LatentDecoder(vae, vae_allow_hub, vae_dtype) if vae is not None else None
 
     # ---- training -------------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
@@ -326,16 +322,11 @@ class DriftingModule(pl.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "name": "lr"}}
 
-    @torch.no_grad()
-    def _decode_latents(self, x: Tensor) -> Tensor:
-        """Latents [B, C, h, w] -> images [B, 3, h*f, w*f] in [-1, 1] with the run's frozen VAE decoder (loaded once
-        per process and device, kept out of the state_dict so checkpoints stay small)."""
-        from drifting_lightning.data.vae import shared_codec
-
-        hp = self.hparams
-        return shared_codec(hp.vae, hp.vae_allow_hub, hp.vae_dtype, x.device).decode(x.float()).clamp(-1.0, 1.0)
-
     # ---- inference ------------------------------------------------------------------------------------------
+    def decode_samples(self, x: Tensor) -> Tensor:
+        """Samples -> images: a latent run's ``decoder`` maps latents to pixels in [-1, 1]; other samples pass."""
+        return x if self.decoder is None else self.decoder(x)
+
     @torch.no_grad()
     def sample(
         self,
@@ -349,8 +340,8 @@ class DriftingModule(pl.LightningModule):
         (0, 1, ..., K-1, 0, ...) for a conditional generator; alpha defaults to 1 (no guidance)."""
         net = self.ema_generator if use_ema else self.generator
         device = self.device
-        if labels is None and net.num_classes > 0:
-            labels = torch.arange(n, device=device) % net.num_classes
+        if labels is None:
+            labels = balanced_labels(n, net.num_classes, device)
         if alpha is not None and not isinstance(alpha, Tensor):
             alpha = torch.full((n,), float(alpha), device=device)
         was_training = net.training

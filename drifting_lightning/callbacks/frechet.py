@@ -18,18 +18,19 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from drifting_lightning.callbacks.sample_grid import alpha_tag, as_alpha_list, decode, generator_classes
+from drifting_lightning.callbacks.periodic import MetricCallback, fixed_noise, tensorboards
+from drifting_lightning.callbacks.sample_grid import alpha_tag, as_alpha_list, generator_classes
 from drifting_lightning.encoders.base import FeatureEncoder
 from drifting_lightning.metrics.extractors import ClassifierExtractor, EncoderExtractor, InceptionExtractor
 from drifting_lightning.metrics.frechet import FrechetDistance
-from drifting_lightning.metrics.npz import to_uint8
+from drifting_lightning.metrics.npz import through_uint8
 from drifting_lightning.metrics.reference import content_fingerprint, files_fingerprint, reference_statistics
+from drifting_lightning.sampling.labels import balanced_labels
 
 # Accepted spellings of the metric argument -> extractor kind.
 METRICS = {
@@ -122,15 +123,6 @@ def _state_hash(module: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def quantize(x: Tensor) -> Tensor:
-    """Images [B, 1 or 3, H, W] in [-1, 1] -> the same images after a round trip through uint8 (``to_uint8``, then
-    u / 127.5 - 1): what ``drifting evaluate`` sees in a saved .npz, so training-time and offline values agree.
-    Other tensors (undecoded latents, vectors) are returned unchanged."""
-    if x.dim() != 4 or x.shape[1] not in (1, 3):
-        return x
-    return to_uint8(x, channels_last=False).float() / 127.5 - 1.0
-
-
 def rank_share(n: int, rank: int, world: int) -> Tensor:
     """Global sample indices [m] of one rank: rank, rank + world, ...; label of index i is i mod K (class-balanced)."""
     return torch.arange(rank, n, world)
@@ -152,7 +144,7 @@ def sweep_figure(alphas: Sequence[float], values: Sequence[float], name: str, st
     return fig
 
 
-class FrechetCallback(L.Callback):
+class FrechetCallback(MetricCallback):
     """Every ``every_n_steps`` optimiser steps and at the end of training: the Frechet distance between
     ``num_samples`` EMA samples (class-balanced labels: sample i has class i mod K) and reference statistics, at
     each guidance scale in ``alphas``.
@@ -200,31 +192,19 @@ class FrechetCallback(L.Callback):
         metric_kind(metric)
         if tag is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", tag):
             raise ValueError(f"FrechetCallback tag must be letters, digits, '_', '.' or '-' (e.g. '50k'), got {tag!r}")
-        if every_n_steps < 1 or num_samples < 2 or batch_size < 1:
-            raise ValueError(
-                f"need every_n_steps >= 1, num_samples >= 2, batch_size >= 1, got {every_n_steps}, {num_samples}, "
-                f"{batch_size}"
-            )
+        if num_samples < 2 or batch_size < 1:
+            raise ValueError(f"need num_samples >= 2 and batch_size >= 1, got {num_samples}, {batch_size}")
         if metric_kind(metric) == "classifier" and checkpoint is None:
             make_extractor(metric)  # raises the error that says where the classifier file comes from
-        self.every_n_steps = every_n_steps
-        self.num_samples = num_samples
-        self.alphas = as_alpha_list(alphas)
-        self.metric = metric
+        super().__init__(every_n_steps)
+        self.num_samples, self.alphas, self.metric = num_samples, as_alpha_list(alphas), metric
         self.checkpoint, self.weights, self.encoder, self.feature_key = checkpoint, weights, encoder, feature_key
-        self.reference_npz = reference_npz
-        self.num_reference = num_reference
-        self.reference_split = reference_split
-        self.cache_dir = cache_dir
-        self.batch_size = batch_size
-        self.seed = seed
-        self.tag = tag
-        self.history: list[tuple[int, dict[str, float]]] = []
+        self.reference_npz, self.num_reference, self.reference_split = reference_npz, num_reference, reference_split
+        self.cache_dir, self.batch_size, self.seed, self.tag = cache_dir, batch_size, seed, tag
         self.disabled = False
         self.name: str | None = None  # known once the extractor is built
         self._extractor: nn.Module | None = None
         self._reference: tuple[np.ndarray, np.ndarray] | None = None
-        self._log_dir = ""
 
     @property
     def state_key(self) -> str:
@@ -232,9 +212,6 @@ class FrechetCallback(L.Callback):
         if self.tag is None:
             return self._generate_state_key(metric=self.metric)
         return self._generate_state_key(metric=self.metric, tag=self.tag)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [(int(s), {k: float(v) for k, v in d.items()}) for s, d in state_dict.get("history", [])]
@@ -247,7 +224,7 @@ class FrechetCallback(L.Callback):
 
     # ---- hooks ----------------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._log_dir = trainer.log_dir or trainer.default_root_dir  # a collective call: every rank must ask
+        super().on_fit_start(trainer, pl_module)
         if self._extractor is not None or self.disabled:
             return
         encoder = self.encoder
@@ -269,19 +246,10 @@ class FrechetCallback(L.Callback):
                 "mu and sigma, or leave it unset to compute the statistics from the DataModule's real samples"
             )
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        step = trainer.global_step
-        if self.disabled or step == 0 or step % self.every_n_steps or (self.history and self.history[-1][0] == step):
-            return
-        for key, value in self.evaluate(trainer, pl_module).items():
-            # logger=False: the loggers have it at this exact step already; this feeds callback_metrics.
-            pl_module.log(key, value, logger=False, on_step=True, on_epoch=False)
+    def runs_here(self, trainer: L.Trainer) -> bool:
+        return not self.disabled
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.disabled:
-            return
-        if not self.history or self.history[-1][0] != trainer.global_step:
-            self.evaluate(trainer, pl_module)  # pl_module.log is not allowed in on_train_end
+    def finish(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
             record = {
                 "metric": self.name,
@@ -289,7 +257,7 @@ class FrechetCallback(L.Callback):
                 "alphas": self.alphas,
                 "history": [{"step": s, **v} for s, v in self.history],
             }
-            with open(os.path.join(self._log_dir, f"{self.name}.json"), "w") as f:
+            with open(os.path.join(self.log_dir, f"{self.name}.json"), "w") as f:
                 json.dump(record, f, indent=2)
 
     # ---- evaluation -----------------------------------------------------------------------------------------
@@ -323,16 +291,16 @@ class FrechetCallback(L.Callback):
         metric = FrechetDistance(num_features=mu.shape[0]).to(pl_module.device)
         metric.set_reference(mu, sigma)
         for x in self._generated(trainer, pl_module, alpha):
-            metric.update(self._extractor(quantize(decode(pl_module, x))), real=False)
+            metric.update(self._extractor(through_uint8(pl_module.decode_samples(x))), real=False)
         return float(metric.compute())
 
     def _generated(self, trainer: L.Trainer, pl_module: L.LightningModule, alpha: float) -> Iterator[Tensor]:
         """This rank's samples [B, ...] in batches of ``batch_size``, from the same seeded noise every time."""
         device = pl_module.device
         num_classes = generator_classes(pl_module)
-        noise = torch.Generator(device=device).manual_seed(self.seed + trainer.global_rank)
+        noise = fixed_noise(pl_module, self.seed + trainer.global_rank)
         for idx in rank_share(self.num_samples, trainer.global_rank, trainer.world_size).split(self.batch_size):
-            labels = (idx % num_classes).to(device) if num_classes > 0 else None
+            labels = balanced_labels(idx, num_classes, device)
             yield pl_module.sample(len(idx), labels=labels, alpha=alpha, use_ema=True, generator=noise)
 
     def reference(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[np.ndarray, np.ndarray]:
@@ -361,14 +329,14 @@ class FrechetCallback(L.Callback):
             "datamodule": type(dm).__qualname__,
             "split": self.reference_split,
             "seed": self.seed,
-            "decode": type(pl_module).__qualname__ if hasattr(pl_module, "decode_samples") else None,
+            "decode": type(pl_module).__qualname__ if pl_module.decoder is not None else None,
             "content": content_fingerprint(real),
         }
         cache = self.cache_dir or os.path.join(trainer.default_root_dir, "reference_stats")
 
         def batches() -> Iterator[Tensor]:
             for x in real.split(self.batch_size):
-                yield quantize(decode(pl_module, x.to(pl_module.device)))
+                yield through_uint8(pl_module.decode_samples(x.to(pl_module.device)))
 
         return reference_statistics(
             extractor_fingerprint(self._extractor), batches, len(real), cache, fingerprint, self._extractor
@@ -376,8 +344,7 @@ class FrechetCallback(L.Callback):
 
     def _plot_sweep(self, trainer: L.Trainer, values: list[float], step: int) -> None:
         fig = sweep_figure(self.alphas, values, self.name, step)
-        os.makedirs(self._log_dir, exist_ok=True)
-        fig.savefig(os.path.join(self._log_dir, f"{self.name}_vs_alpha_step{step:06d}.png"))
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_figure(f"metrics/{self.name}_vs_alpha", fig, global_step=step, close=False)
+        os.makedirs(self.log_dir, exist_ok=True)
+        fig.savefig(os.path.join(self.log_dir, f"{self.name}_vs_alpha_step{step:06d}.png"))
+        for board in tensorboards(trainer):
+            board.add_figure(f"metrics/{self.name}_vs_alpha", fig, global_step=step, close=False)

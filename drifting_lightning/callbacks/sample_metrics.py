@@ -11,13 +11,13 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from drifting_lightning.callbacks.scatter import datamodule_of, fixed_noise
+from drifting_lightning.callbacks.periodic import MetricCallback, datamodule_of, fixed_noise
 from drifting_lightning.metrics.energy import energy_distance, gaussian_mmd2, median_bandwidth
 
 METRICS = ("energy_distance", "mmd")
 
 
-class SampleMetricCallback(L.Callback):
+class SampleMetricCallback(MetricCallback):
     """Every ``every_n_steps`` optimiser steps and at the end of training: the metric between
     ``pl_module.sample(num_samples, use_ema=use_ema, generator=g)`` and ONE target sample
     ``real_samples(num_samples, seed=seed)`` drawn at the first evaluation; g is seeded with ``seed`` each
@@ -34,6 +34,8 @@ class SampleMetricCallback(L.Callback):
     MMD^2 with ``bandwidth`` (default: the median pairwise distance of the target sample).
     """
 
+    prog_bar = True
+
     def __init__(
         self,
         metric: str = "energy_distance",
@@ -47,39 +49,22 @@ class SampleMetricCallback(L.Callback):
             close = difflib.get_close_matches(metric, METRICS, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ValueError(f"unknown metric {metric!r}; valid: {', '.join(METRICS)}.{hint}")
-        if every_n_steps < 1 or num_samples < 2:
-            raise ValueError(f"need every_n_steps >= 1 and num_samples >= 2, got {every_n_steps}, {num_samples}")
-        self.metric = metric
-        self.every_n_steps = every_n_steps
-        self.num_samples = num_samples
-        self.seed = seed
-        self.use_ema = use_ema
-        self.bandwidth = bandwidth
+        if num_samples < 2:
+            raise ValueError(f"need num_samples >= 2, got {num_samples}")
+        super().__init__(every_n_steps)
+        self.metric, self.num_samples, self.seed, self.use_ema, self.bandwidth = (
+            metric, num_samples, seed, use_ema, bandwidth
+        )
         self.last_value: float | None = None
-        self.history: list[tuple[int, float]] = []
         self._target: Tensor | None = None
-        self._log_dir = ""
 
     @property
     def name(self) -> str:
         return f"metrics/{self.metric}"
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._log_dir = trainer.log_dir  # a collective call: every rank must ask
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        step = trainer.global_step
-        if step > 0 and step % self.every_n_steps == 0 and (not self.history or self.history[-1][0] != step):
-            value = self._evaluate(trainer, pl_module)
-            # logger=False: the loggers already have it at this exact step (self.log would wait for
-            # log_every_n_steps); this puts it in trainer.callback_metrics and the progress bar.
-            pl_module.log(self.name, value, logger=False, prog_bar=True, on_step=True, on_epoch=False)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self.history or self.history[-1][0] != trainer.global_step:
-            self._evaluate(trainer, pl_module)  # pl_module.log is not allowed in on_train_end
+    def finish(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
-            os.makedirs(self._log_dir, exist_ok=True)
+            os.makedirs(self.log_dir, exist_ok=True)
             step, value = self.history[-1]
             record = {
                 "metric": self.metric,
@@ -89,15 +74,12 @@ class SampleMetricCallback(L.Callback):
                 "bandwidth": self.bandwidth,
                 "history": self.history,
             }
-            with open(os.path.join(self._log_dir, "metrics.json"), "w") as f:
+            with open(os.path.join(self.log_dir, "metrics.json"), "w") as f:
                 json.dump(record, f, indent=2)
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(metric=self.metric)  # an energy and an MMD callback can sit side by side
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [(int(step), float(value)) for step, value in state_dict.get("history", [])]
@@ -116,8 +98,8 @@ class SampleMetricCallback(L.Callback):
             return gaussian_mmd2(generated, self._target, self.bandwidth)
         return energy_distance(generated, self._target)
 
-    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
-        """Compute on rank 0, share with every rank, record and write to the loggers."""
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        """{name: value}: computed on rank 0, shared with every rank, recorded and written to the loggers."""
         step = trainer.global_step
         value = self.compute(trainer, pl_module) if trainer.is_global_zero else 0.0
         value = float(trainer.strategy.broadcast(value, src=0))
@@ -125,4 +107,4 @@ class SampleMetricCallback(L.Callback):
         self.history.append((step, value))
         for logger in trainer.loggers:
             logger.log_metrics({self.name: value}, step=step)
-        return value
+        return {self.name: value}

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
+
+from drifting_lightning.callbacks.periodic import PeriodicCallback, datamodule_of, fixed_noise, tensorboards
 
 
 def first_two_coords(x: Tensor) -> Tensor:
@@ -41,24 +41,7 @@ def scatter_figure(generated: Tensor, target: Tensor, title: str = "") -> Figure
     return fig
 
 
-def fixed_noise(pl_module: L.LightningModule, seed: int) -> torch.Generator:
-    """A generator on the module's device, reseeded at every evaluation: the same noise each time, so
-    successive plots and metric values differ only by the weights."""
-    return torch.Generator(device=pl_module.device).manual_seed(seed)
-
-
-def datamodule_of(trainer: L.Trainer) -> Any:
-    """The trainer's DataModule; the toy callbacks need its ``real_samples``."""
-    dm = trainer.datamodule
-    if dm is None or not hasattr(dm, "real_samples"):
-        raise RuntimeError(
-            "this callback needs a DataModule with real_samples(n, split, seed), e.g. ToyDataModule or "
-            "VectorDataModule; pass it as trainer.fit(model, datamodule=...)"
-        )
-    return dm
-
-
-class ScatterPlotCallback(L.Callback):
+class ScatterPlotCallback(PeriodicCallback):
     """Every ``every_n_steps`` optimiser steps and at the end of training: ``pl_module.sample(num_samples,
     use_ema=use_ema, generator=g)`` (g: the same seeded noise each time) drawn over ``num_samples`` target
     points (the first two coordinates for D > 2).
@@ -74,33 +57,19 @@ class ScatterPlotCallback(L.Callback):
         filename: str = "samples_step{step:06d}.png",
         use_ema: bool = True,
     ) -> None:
-        if every_n_steps < 1 or num_samples < 1:
-            raise ValueError(f"every_n_steps and num_samples must be >= 1, got {every_n_steps}, {num_samples}")
-        self.every_n_steps = every_n_steps
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        super().__init__(every_n_steps)
         self.num_samples = num_samples
         self.filename = filename
         self.use_ema = use_ema
         self.last_path: str | None = None
-        self._last_step = -1
         self._target: Tensor | None = None
-        self._log_dir = ""
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._log_dir = trainer.log_dir  # a collective call: every rank must ask
+    def finish(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        shutil.copyfile(self.last_path, os.path.join(self.log_dir, "samples_final.png"))
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        step = trainer.global_step
-        if trainer.is_global_zero and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
-            self._plot(trainer, pl_module)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
-        if trainer.global_step != self._last_step:
-            self._plot(trainer, pl_module)
-        shutil.copyfile(self.last_path, os.path.join(self._log_dir, "samples_final.png"))
-
-    def _plot(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, final: bool) -> None:
         step = trainer.global_step
         if self._target is None:
             self._target = first_two_coords(datamodule_of(trainer).real_samples(self.num_samples)[0])
@@ -108,10 +77,8 @@ class ScatterPlotCallback(L.Callback):
             noise = fixed_noise(pl_module, seed=0)
             generated = first_two_coords(pl_module.sample(self.num_samples, use_ema=self.use_ema, generator=noise))
         fig = scatter_figure(generated, self._target, title=f"step {step}")
-        self.last_path = os.path.join(self._log_dir, self.filename.format(step=step))
+        self.last_path = os.path.join(self.log_dir, self.filename.format(step=step))
         os.makedirs(os.path.dirname(self.last_path), exist_ok=True)
         fig.savefig(self.last_path)
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_figure("samples/scatter", fig, global_step=step, close=False)
-        self._last_step = step
+        for board in tensorboards(trainer):
+            board.add_figure("samples/scatter", fig, global_step=step, close=False)

@@ -21,19 +21,10 @@ from torch import Tensor, nn
 
 from drifting_lightning.commands import resolve_device, run_command
 from drifting_lightning.files import atomic_write
-from drifting_lightning.metrics.npz import to_uint8
+from drifting_lightning.metrics.frechet import FeatureMoments
+from drifting_lightning.metrics.npz import from_uint8, to_uint8
 
 IS_SPLITS = 10
-
-
-def uint8_to_unit(images: np.ndarray | Tensor) -> Tensor:
-    """uint8 [B, H, W, C] -> float32 [B, C, H, W] in [-1, 1], u / 127.5 - 1 (as ``callbacks.frechet.quantize``).
-    ``to_uint8`` maps it back to u exactly (127.5 x + 128 = u + 0.5 before truncation), so extractors that quantise
-    again (Inception) see the same image."""
-    x = torch.as_tensor(images)
-    if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[-1] not in (1, 3):
-        raise ValueError(f"expected uint8 images [N, H, W, C] with C in (1, 3), got {x.dtype} {list(x.shape)}")
-    return x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def read_images(path: str, what: str) -> np.ndarray:
@@ -48,7 +39,7 @@ def read_images(path: str, what: str) -> np.ndarray:
 
 def batches(images: np.ndarray, batch_size: int, device: torch.device) -> Iterator[Tensor]:
     for start in range(0, len(images), batch_size):
-        yield uint8_to_unit(images[start : start + batch_size]).to(device)
+        yield from_uint8(images[start : start + batch_size]).to(device)
 
 
 def encoder_for(checkpoint: str) -> nn.Module:
@@ -64,36 +55,27 @@ def encoder_for(checkpoint: str) -> nn.Module:
     return load_module(checkpoint).encoder
 
 
-class Features:
-    """Runs the extractor over batches: the Frechet sums of every feature, the first ``keep`` features [keep, F]
+class Features(FeatureMoments):
+    """Runs the extractor over batches: the Frechet moments of every feature, the first ``keep`` features [keep, F]
     (precision/recall) and, for Inception, every logit (Inception Score)."""
 
     def __init__(self, extractor: nn.Module, keep: int, logits: bool) -> None:
+        super().__init__()
         self.extractor, self.keep, self.want_logits = extractor, keep, logits
-        self.n, self.total, self.outer = 0, None, None
         self.kept: list[Tensor] = []
         self.logits: list[Tensor] = []
 
     @torch.no_grad()
-    def add(self, x: Tensor) -> None:
+    def add_images(self, x: Tensor) -> None:
         if self.want_logits:
             f, logits = self.extractor.features_and_logits(x)
             self.logits.append(logits.float().cpu())
         else:
             f = self.extractor(x)
-        from drifting_lightning.metrics.frechet import feature_moments
-
-        s, ss = feature_moments(f)
-        self.total, self.outer = (s, ss) if self.total is None else (self.total + s, self.outer + ss)
         room = self.keep - sum(len(k) for k in self.kept)
         if room > 0:
             self.kept.append(f[:room].float().cpu())
-        self.n += len(f)
-
-    def statistics(self) -> tuple[Tensor, Tensor]:
-        from drifting_lightning.metrics.frechet import mean_cov
-
-        return mean_cov(self.n, self.total, self.outer)
+        self.add(f)
 
     def kept_features(self) -> Tensor:
         return torch.cat(self.kept) if self.kept else torch.empty(0)
@@ -149,7 +131,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     keep = args.pr_samples
     fake = Features(extractor, keep, logits=kind == "inception")
     for x in batches(fake_images, args.batch_size, device):
-        fake.add(x)
+        fake.add_images(x)
     mu2, sigma2 = fake.statistics()
     if stats is not None and np.shape(stats["mu"]) != (mu2.shape[0],):
         if real_images is None:
@@ -162,7 +144,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if real_images is not None and (stats is None or keep > 0):
         real = Features(extractor, keep, logits=False)
         for x in batches(real_images, args.batch_size, device):
-            real.add(x)
+            real.add_images(x)
     mu1, sigma1 = (stats["mu"], stats["sigma"]) if stats is not None else real.statistics()
 
     result: dict[str, Any] = {"metric": name, name: frechet_distance(mu1, sigma1, mu2, sigma2)}

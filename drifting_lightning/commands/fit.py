@@ -150,6 +150,10 @@ def quiet_console() -> None:
         r"`isinstance\(treespec, LeafSpec\)` is deprecated",
         # A resume writes into its own checkpoint folder; a new run into a used one is refused (run_folder).
         r"Checkpoint directory .* exists and is not empty",
+        # The frozen encoder and the EMA copy are in eval mode on purpose.
+        r"Found \d+ module\(s\) in eval mode",
+        # The training streams have an exact __len__: they split their steps among workers.
+        r"Your `IterableDataset` has `__len__` defined",
     )
     for message in quiet:
         warnings.filterwarnings("ignore", message=message)

@@ -18,14 +18,10 @@ from torch import Tensor
 
 from drifting_lightning.commands import resolve_device, run_command
 from drifting_lightning.metrics.npz import to_uint8, write_adm_npz
+from drifting_lightning.sampling.labels import balanced_labels
 
 # (n, labels [n] or None, torch.Generator) -> images [n, C, H, W] in [-1, 1]
 SampleFn = Callable[[int, Tensor | None, torch.Generator], Tensor]
-
-
-def balanced_labels(num: int, num_classes: int) -> Tensor | None:
-    """Labels [num] with sample i of class i mod K (every class num/K times); None when unconditional."""
-    return torch.arange(num) % num_classes if num_classes > 0 else None
 
 
 @torch.no_grad()
@@ -56,7 +52,7 @@ def sample_images(
             if x.dim() != 4 or x.shape[1] not in (1, 3):
                 raise ValueError(
                     f"the generator makes samples of shape {list(x.shape[1:])}; an ADM .npz needs images [C, H, W] "
-                    "with C = 1 or 3 (a latent model's samples need its VAE: sample from the run's checkpoint, or "
+                    "with C = 1 or 3 (a latent model's samples need its decoder: sample from the run's checkpoint, or "
                     "pass --vae for an export folder)"
                 )
             q = to_uint8(x).cpu().numpy()
@@ -80,7 +76,7 @@ def sampler_from(
         gen = load_generator(path, device)
         codec = None
         if vae is not None:
-            from drifting_lightning.data.vae import shared_codec
+            from drifting_lightning.models.vae import shared_codec
 
             codec = shared_codec(vae, allow_hub, device=device)
 
@@ -91,13 +87,13 @@ def sampler_from(
 
         return from_export, gen.num_classes
 
-    from drifting_lightning.callbacks.sample_grid import decode, generator_classes
+    from drifting_lightning.callbacks.sample_grid import generator_classes
     from drifting_lightning.checkpoints.loading import load_module
 
     module = load_module(path, config).to(device)
 
     def from_module(n: int, labels: Tensor | None, noise: torch.Generator) -> Tensor:
-        return decode(module, module.sample(n, labels=labels, alpha=alpha, use_ema=True, generator=noise))
+        return module.decode_samples(module.sample(n, labels=labels, alpha=alpha, use_ema=True, generator=noise))
 
     return from_module, generator_classes(module)
 

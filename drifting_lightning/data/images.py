@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from drifting_lightning.data.image_sources import ArraySource, FolderSource, ImageSource, find_idx, read_idx
-from drifting_lightning.data.stream import StatefulStreamLoader, split_stream
+from drifting_lightning.data.stream import PassTracker, StreamLoader, split_stream
 from drifting_lightning.data.workers import leave_stop_signals_to_the_main_process
 from drifting_lightning.sampling.positives import ClassAwareSampler, PositiveSource
 
@@ -58,8 +58,7 @@ class ImageDataModule(LightningDataModule):
         self._sources: dict[str, ImageSource] = {}
         self._live: PositiveSource | None = None  # the copy of `positives` this DataModule draws from
         self._pending: dict[str, Any] | None = None  # state loaded before setup()
-        self._stream: tuple[int, int | None] | None = None  # (step, trainer batches) when the current stream began
-        self._yielded = 0  # batches handed out by the current stream (used without a trainer)
+        self._tracker = PassTracker()  # the step training has consumed; the source in this process catches up lazily
         self._skips_reported = 0
 
     def make_source(self, split: str) -> ImageSource:
@@ -117,7 +116,9 @@ class ImageDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        return _StreamLoader(self)
+        stream = _PositiveStream(self.source("train"), self._live, self.steps_per_epoch)
+        return StreamLoader(stream, lambda: self._begin_pass(stream), self._tracker, num_workers=self.num_workers,
+                            worker_init_fn=leave_stop_signals_to_the_main_process)  # fmt: skip
 
     def teardown(self, stage: str | None = None) -> None:
         self._report_skips()
@@ -136,35 +137,22 @@ class ImageDataModule(LightningDataModule):
             self._pending = state
             return
         self._live.load_state_dict(state["positives"])
-        self._pending, self._stream = None, None
-
-    # Workers and Lightning's prefetching run ahead of training, so the source in this process advances lazily to
-    # the number of batches the training loop has consumed: the trainer's fetch count when attached, else the count
-    # of batches handed out by the loader.
-    def _trainer_batches(self) -> int | None:
-        trainer = self.trainer
-        return None if trainer is None else trainer.fit_loop.epoch_loop.batch_progress.total.ready
+        self._pending = None
+        self._tracker.forget()
 
     def _catch_up(self) -> None:
-        if self._stream is None:
-            return
-        start_step, start_batches = self._stream
-        now = self._trainer_batches()
-        consumed = start_step + (self._yielded if now is None or start_batches is None else now - start_batches)
-        if consumed > self._live.step:
+        """Advance the source in this process to the step training has consumed (workers and Lightning's prefetching
+        run ahead of training; the tracker knows how far training got)."""
+        consumed = self._tracker.position(self.trainer)
+        if consumed is not None and consumed > self._live.step:
             self._live.skip(consumed - self._live.step)
 
-    def _begin_stream(self) -> PositiveSource:
-        """A copy of the source at the consumed position, for a new pass of the loader."""
+    def _begin_pass(self, stream: _PositiveStream) -> None:
+        """A new pass of the loader draws from a copy of the source at the consumed position."""
         self._catch_up()
         self._report_skips()
-        self._stream, self._yielded = (self._live.step, self._trainer_batches()), 0
-        return copy.deepcopy(self._live)
-
-    def _count(self, batches: Iterator[dict[str, Tensor]]) -> Iterator[dict[str, Tensor]]:
-        for batch in batches:
-            self._yielded += 1
-            yield batch
+        self._tracker.begin(self._live.step, self.trainer)
+        stream.positives = copy.deepcopy(self._live)
 
     def _report_skips(self) -> None:
         train = self._sources.get("train")
@@ -202,20 +190,6 @@ class _PositiveStream(IterableDataset):
                 "labels": labels,
                 "unconditional": self.source.load(unc_idx.numpy(), rng),
             }
-
-
-class _StreamLoader(StatefulStreamLoader):
-    """One batch dict per step (batch_size=None); each pass starts where the training loop stopped consuming."""
-
-    def __init__(self, datamodule: ImageDataModule) -> None:
-        self._datamodule = datamodule
-        stream = _PositiveStream(datamodule.source("train"), datamodule._live, datamodule.steps_per_epoch)
-        super().__init__(stream, batch_size=None, num_workers=datamodule.num_workers,
-                         worker_init_fn=leave_stop_signals_to_the_main_process)  # fmt: skip
-
-    def __iter__(self) -> Iterator[dict[str, Tensor]]:
-        self.dataset.positives = self._datamodule._begin_stream()
-        return self._datamodule._count(super().__iter__())
 
 
 class DigitsDataModule(ImageDataModule):

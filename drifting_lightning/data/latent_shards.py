@@ -31,8 +31,8 @@ import torch
 from torch import Tensor
 
 from drifting_lightning.data.image_sources import FolderSource, ImageSource
-from drifting_lightning.data.vae import resolve_vae_dir, vae_fingerprint
 from drifting_lightning.files import atomic_write
+from drifting_lightning.models.vae import resolve_vae_dir, vae_fingerprint
 
 log = logging.getLogger(__name__)
 

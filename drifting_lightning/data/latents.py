@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from drifting_lightning.data import latent_shards as shards
 from drifting_lightning.data.image_sources import FolderSource, ImageSource
 from drifting_lightning.data.images import DEFAULT_POSITIVES, ImageDataModule
-from drifting_lightning.data.vae import VAECodec, vae_fingerprint
+from drifting_lightning.models.vae import VAECodec, vae_fingerprint
 from drifting_lightning.sampling.positives import PositiveSource
 
 log = logging.getLogger(__name__)

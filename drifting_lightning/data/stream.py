@@ -1,14 +1,16 @@
-"""What the toy and vector DataModules share: a seeded stream of fresh positives every step.
+"""Resumable training streams, and the seeded stream of fresh positives that the toy and vector DataModules share.
 
-Pass ``epoch`` of rank r, worker w draws from a generator seeded by (seed, epoch, r, w), so a run repeats
-exactly, ranks and workers never share samples, and each epoch is new. The epoch and the number of its batches that
-training consumed are saved in the checkpoint (``state_dict``), so a resumed run draws exactly the batches that the
-uninterrupted run would have drawn.
+Every DataModule here hands out one batch per training step through a ``StreamLoader`` and saves its position in the
+checkpoint (``state_dict``), so a resumed run draws exactly the batches that the uninterrupted run would have drawn.
+The image DataModules count the consumed steps with a ``PassTracker``; the toy and vector ones save (epoch, batch).
+
+Toy and vector data: pass ``epoch`` of rank r, worker w draws from a generator seeded by (seed, epoch, r, w), so a
+run repeats exactly, ranks and workers never share samples, and each epoch is new. The epoch and the number of its
+batches that training consumed (the trainer's count, as Lightning fetches ahead) are what the checkpoint holds.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -23,16 +25,72 @@ from drifting_lightning.rng import torch_generator
 TRAIN_STREAM = 0
 SPLIT_STREAMS = {"train": 1, "val": 2, "test": 3}
 
-# Lightning warns on every fit that an IterableDataset with __len__ may be miscounted with several workers;
-# SeededStream splits its steps among the workers, so its length is exact.
-warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined", category=UserWarning)
-
 
 def split_stream(split: str) -> int:
     """The stream tag of ``split``; an unknown split raises ValueError."""
     if split not in SPLIT_STREAMS:
         raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLIT_STREAMS)}")
     return SPLIT_STREAMS[split]
+
+
+class PassTracker:
+    """The stream position that training has consumed. A loader pass begins at position ``start``; Lightning fetches
+    a batch ahead of the step and workers run further ahead, so the position is ``start`` plus the trainer's count of
+    batches its steps took since the pass began (``batch_progress.total.ready``), or, without a trainer, plus the
+    batches the loader handed out."""
+
+    def __init__(self) -> None:
+        self._start: int | None = None  # None: no pass in progress
+        self._trainer_start: int | None = None
+        self._yielded = 0
+
+    @staticmethod
+    def _trainer_batches(trainer: Any) -> int | None:
+        return None if trainer is None else trainer.fit_loop.epoch_loop.batch_progress.total.ready
+
+    def begin(self, start: int, trainer: Any) -> None:
+        self._start, self._trainer_start, self._yielded = start, self._trainer_batches(trainer), 0
+
+    def forget(self) -> None:
+        """Drop the pass in progress (a loaded state replaces its position)."""
+        self._start = None
+
+    def position(self, trainer: Any) -> int | None:
+        """The position of the next batch training will take; None when no pass has begun."""
+        if self._start is None:
+            return None
+        now = self._trainer_batches(trainer)
+        consumed = self._yielded if now is None or self._trainer_start is None else now - self._trainer_start
+        return self._start + consumed
+
+    def count(self, batches: Iterator[Any]) -> Iterator[Any]:
+        for batch in batches:
+            self._yielded += 1
+            yield batch
+
+
+class StreamLoader(DataLoader):
+    """The training loader of a resumable stream (one batch dict per step, ``batch_size=None``). Each pass first
+    calls ``begin_pass()`` (when given), which points the dataset at the position training has consumed; a
+    ``tracker`` counts the batches the loader hands out. Stateful, with an empty state (the DataModule saves the
+    position), which tells Lightning that this loader resumes mid-epoch."""
+
+    def __init__(self, dataset: IterableDataset, begin_pass: Callable[[], None] | None = None,
+                 tracker: PassTracker | None = None, **kwargs: Any) -> None:  # fmt: skip
+        super().__init__(dataset, batch_size=None, **kwargs)
+        self._begin_pass, self._tracker = begin_pass, tracker
+
+    def __iter__(self) -> Iterator[Any]:
+        if self._begin_pass is not None:
+            self._begin_pass()
+        batches = super().__iter__()
+        return batches if self._tracker is None else self._tracker.count(batches)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
 
 class SeededStream(IterableDataset):
@@ -66,17 +124,6 @@ class SeededStream(IterableDataset):
             if i >= start:
                 self.position = i + 1
                 yield {"positives": positives.unsqueeze(0)}
-
-
-class StatefulStreamLoader(DataLoader):
-    """The DataModule saves the stream's position; being stateful tells Lightning that this loader resumes mid-epoch.
-    Shared by the toy/vector and the image DataModules."""
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
 
 
 class StreamingDataModule(L.LightningDataModule):
@@ -113,7 +160,7 @@ class StreamingDataModule(L.LightningDataModule):
         state = self.state_dict()
         self._stream = SeededStream(self.draw_fn(), self.steps_per_epoch, self.seed, rank, state["epoch"],
                                     state.get("batch", 0))  # fmt: skip
-        return StatefulStreamLoader(self._stream, batch_size=None)
+        return StreamLoader(self._stream)
 
     def state_dict(self) -> dict[str, Any]:
         """``{"epoch": e}`` at an epoch boundary, ``{"epoch": e, "batch": k}`` after k batches of epoch e."""

@@ -10,12 +10,13 @@ from __future__ import annotations
 from torch import Tensor
 
 from drifting_lightning.encoders.base import FeatureEncoder
+from drifting_lightning.models.vae import VAECodec
 
 
 class VAEBridge(FeatureEncoder):
     """latents z [B, C, h, w] -> ``encoder(VAE.decode(z))`` = {name: [B, L, C']}.
 
-    ``vae``: a diffusers AutoencoderKL folder (a hub id only with ``allow_hub``; see ``data.vae.load_vae``).
+    ``vae``: a diffusers AutoencoderKL folder (a hub id only with ``allow_hub``; see ``models.vae.load_vae``).
     ``scale_factor``: the latent scale the generator works in (SD-VAE: 0.18215). ``dtype``: the decoder's weight
     dtype ("float32", "bfloat16", "float16"). ``clamp``: clamp decoded images to [-1, 1] before the encoder (off by
     default: clamping zeroes the gradient of saturated pixels). Only the decoder half of the VAE is kept; it is
@@ -31,9 +32,6 @@ class VAEBridge(FeatureEncoder):
         dtype: str = "float32",
         clamp: bool = False,
     ) -> None:
-        # data/ is a later layer than encoders/ (DESIGN.md): import the self-contained VAE module only when used.
-        from drifting_lightning.data.vae import VAECodec
-
         super().__init__()
         self.codec = VAECodec(vae, scale_factor, allow_hub, dtype, keep_encoder=False)
         self.encoder = encoder

@@ -88,7 +88,7 @@ class InceptionExtractor(nn.Module):
         return super().train(False)
 
     @staticmethod
-    def quantize(x: Tensor) -> Tensor:
+    def network_input(x: Tensor) -> Tensor:
         """x: [B, C, H, W] in [-1, 1] -> uint8 [B, 3, H, W], what torch-fidelity's Inception expects."""
         if x.dim() != 4 or x.shape[1] not in (1, 3):
             raise ValueError(f"Inception takes images [B, 1 or 3, H, W] in [-1, 1], got shape {list(x.shape)}")
@@ -98,7 +98,7 @@ class InceptionExtractor(nn.Module):
     @torch.no_grad()
     def features_and_logits(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x: [B, C, H, W] in [-1, 1] -> (pool features [B, 2048], unbiased logits [B, 1008]) in one pass."""
-        return self.net(self.quantize(x))
+        return self.net(self.network_input(x))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.features_and_logits(x)[0]
@@ -150,16 +150,3 @@ class ClassifierExtractor(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.net.features(x)
 
-
-EXTRACTORS: dict[str, type[nn.Module]] = {
-    "inception": InceptionExtractor,
-    "encoder": EncoderExtractor,
-    "classifier": ClassifierExtractor,
-}
-
-
-def build_extractor(name: str, **kwargs) -> nn.Module:
-    """An extractor by name (``inception``, ``encoder``, ``classifier``) with its own keyword arguments."""
-    if name not in EXTRACTORS:
-        raise ValueError(f"unknown feature extractor {name!r}; choose one of {sorted(EXTRACTORS)}")
-    return EXTRACTORS[name](**kwargs)

@@ -94,6 +94,29 @@ def mean_cov(n: int | Tensor, total: Tensor, outer: Tensor) -> tuple[Tensor, Ten
     return mu, (cov + cov.T) / 2
 
 
+class FeatureMoments:
+    """Running float64 sums of features (count, sum [F], sum of outer products [F, F]) in one process: the
+    statistics of the Frechet distance in O(F^2) memory, whatever the number of samples. (``FrechetDistance`` keeps
+    the same sums as torchmetrics states, which DDP adds across ranks.)"""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.total: Tensor | None = None
+        self.outer: Tensor | None = None
+
+    def add(self, features: Tensor) -> None:
+        """Add features [B, F]."""
+        s, ss = feature_moments(features)
+        self.total, self.outer = (s, ss) if self.total is None else (self.total + s, self.outer + ss)
+        self.n += features.shape[0]
+
+    def statistics(self) -> tuple[Tensor, Tensor]:
+        """(mean [F], unbiased covariance [F, F]) float64 of the features added so far."""
+        if self.total is None:
+            raise ValueError("a covariance needs at least 2 samples, got 0")
+        return mean_cov(self.n, self.total, self.outer)
+
+
 class FrechetDistance(Metric):
     """Frechet distance between real (or reference) and generated features, from float64 running sums.
 

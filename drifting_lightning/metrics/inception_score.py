@@ -10,8 +10,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import Tensor
-from torchmetrics import Metric
-from torchmetrics.utilities import dim_zero_cat
 
 
 def inception_score(logits: Tensor, splits: int = 10, shuffle: bool = True, seed: int = 2020) -> tuple[float, float]:
@@ -32,28 +30,3 @@ def inception_score(logits: Tensor, splits: int = 10, shuffle: bool = True, seed
         kl = (lp.exp() * (lp - log_q)).sum(dim=1).mean()
         scores.append(kl.exp().item())
     return float(np.mean(scores)), float(np.std(scores))
-
-
-class InceptionScore(Metric):
-    """Accumulates logits [B, K] and returns (mean, std) of the Inception Score; a collective under DDP.
-
-    Keeps every logit (N x 1008 floats: 200 MB for 50k samples; ``compute_on_cpu=True`` keeps them off the
-    GPU). After the DDP gather the sample order differs from a single process, so with shuffling the value
-    differs from a one-process run by split-to-split noise only. Call ``compute()`` on every rank.
-    """
-
-    higher_is_better = True
-    is_differentiable = False
-    full_state_update = False
-
-    def __init__(self, splits: int = 10, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.splits = splits
-        self.add_state("logits", [], dist_reduce_fx="cat")
-
-    def update(self, logits: Tensor) -> None:
-        self.logits.append(logits.detach().float())
-
-    def compute(self) -> tuple[Tensor, Tensor]:
-        mean, std = inception_score(dim_zero_cat(self.logits), self.splits)
-        return torch.tensor(mean, dtype=torch.float64), torch.tensor(std, dtype=torch.float64)

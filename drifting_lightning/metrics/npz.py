@@ -24,6 +24,28 @@ def to_uint8(x: Tensor, channels_last: bool = True) -> Tensor:
     return q.permute(0, 2, 3, 1).contiguous() if channels_last else q
 
 
+def from_uint8(u: Tensor | np.ndarray, channels_last: bool = True) -> Tensor:
+    """uint8 images, [B, H, W, C] (default) or [B, C, H, W] with C = 1 or 3 -> float32 [B, C, H, W] in [-1, 1]:
+    u / 127.5 - 1. The inverse of ``to_uint8`` on its outputs (127.5 x + 128 = u + 0.5 before truncation), so an
+    extractor that quantises again (Inception) sees the same image."""
+    x = torch.as_tensor(u)
+    c = x.shape[-1] if channels_last else (x.shape[1] if x.dim() > 1 else 0)
+    if x.dtype != torch.uint8 or x.dim() != 4 or c not in (1, 3):
+        layout = "[N, H, W, C]" if channels_last else "[N, C, H, W]"
+        raise ValueError(f"expected uint8 images {layout} with C in (1, 3), got {x.dtype} {list(x.shape)}")
+    x = x.permute(0, 3, 1, 2) if channels_last else x
+    return x.float() / 127.5 - 1.0
+
+
+def through_uint8(x: Tensor) -> Tensor:
+    """Images [B, 1 or 3, H, W] in [-1, 1] -> the same images after ``to_uint8`` and ``from_uint8``: what a saved
+    .npz gives back, so training-time and offline metrics see the same pixels. Other tensors (undecoded latents,
+    vectors) are returned unchanged."""
+    if x.dim() != 4 or x.shape[1] not in (1, 3):
+        return x
+    return from_uint8(to_uint8(x, channels_last=False), channels_last=False)
+
+
 def write_adm_npz(
     path: str | os.PathLike, images: Tensor | np.ndarray, labels: Tensor | np.ndarray | None = None
 ) -> Path:

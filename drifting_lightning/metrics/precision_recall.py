@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
-from torchmetrics.utilities import dim_zero_cat
 
 
 def knn_radii(x: Tensor, k: int = 3, chunk_size: int = 10000) -> Tensor:
@@ -33,29 +31,3 @@ def precision_recall(real: Tensor, fake: Tensor, k: int = 3, chunk_size: int = 1
     precision = manifold_coverage(fake, real, knn_radii(real, k, chunk_size), chunk_size)
     recall = manifold_coverage(real, fake, knn_radii(fake, k, chunk_size), chunk_size)
     return precision, recall
-
-
-class PrecisionRecall(Metric):
-    """Keeps real and generated features [B, F] and returns (precision, recall); a collective under DDP.
-
-    Stores all features (N x F floats per side): use it on a capped number of samples. Call ``compute()`` on
-    every rank.
-    """
-
-    higher_is_better = True
-    is_differentiable = False
-    full_state_update = False
-
-    def __init__(self, k: int = 3, chunk_size: int = 10000, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.k, self.chunk_size = k, chunk_size
-        self.add_state("real_features", [], dist_reduce_fx="cat")
-        self.add_state("fake_features", [], dist_reduce_fx="cat")
-
-    def update(self, features: Tensor, real: bool) -> None:
-        (self.real_features if real else self.fake_features).append(features.detach().float())
-
-    def compute(self) -> tuple[Tensor, Tensor]:
-        real, fake = dim_zero_cat(self.real_features), dim_zero_cat(self.fake_features)
-        precision, recall = precision_recall(real, fake, self.k, self.chunk_size)
-        return torch.tensor(precision), torch.tensor(recall)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from drifting_lightning.files import atomic_write
-from drifting_lightning.metrics.frechet import feature_moments, mean_cov
+from drifting_lightning.metrics.frechet import FeatureMoments
 
 
 def files_fingerprint(paths: Iterable[str | os.PathLike]) -> dict[str, list[int]]:
@@ -64,19 +64,16 @@ def compute_statistics(
     samples_fn: Callable[[], Iterable[Tensor]], n: int, extractor: Callable[[Tensor], Tensor] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) float64 of the first n samples of ``samples_fn()`` (batches [B, ...], features if no extractor)."""
-    count, total, outer = 0, None, None
+    moments = FeatureMoments()
     for batch in samples_fn():
-        batch = batch[: n - count]
+        batch = batch[: n - moments.n]
         with torch.no_grad():
-            feats = extractor(batch) if extractor is not None else batch
-        s, ss = feature_moments(feats)
-        total, outer = (s, ss) if total is None else (total + s, outer + ss)
-        count += feats.shape[0]
-        if count >= n:
+            moments.add(extractor(batch) if extractor is not None else batch)
+        if moments.n >= n:
             break
-    if count < n:
-        raise ValueError(f"reference statistics need n={n} samples but the data gave only {count}; lower n")
-    mu, sigma = mean_cov(count, total, outer)
+    if moments.n < n:
+        raise ValueError(f"reference statistics need n={n} samples but the data gave only {moments.n}; lower n")
+    mu, sigma = moments.statistics()
     return mu.cpu().numpy(), sigma.cpu().numpy()
 
 

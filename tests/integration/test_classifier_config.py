@@ -2,21 +2,16 @@
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from drifting_lightning.metrics.extractors import ClassifierExtractor
 from tests.integration.cli_helpers import REPO, run_drifting
-from tests.unit.test_image_data import write_idx
 
 CONFIG = str(REPO / "configs" / "classifier" / "fashion_mnist.yaml")
 
 
-def test_classifier_config_trains_and_exports(tmp_path: Path):
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 60), ("t10k", 20)):
-        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8))
-        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10)
+def test_classifier_config_trains_and_exports(tmp_path: Path, fashion_mnist_files):
+    fashion_mnist_files(tmp_path, train=60)
     export = tmp_path / "classifier.pt"
     out = run_drifting(
         "fit", "--config", CONFIG,

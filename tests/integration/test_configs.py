@@ -5,13 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
 
 from tests.integration.cli_helpers import REPO, run_drifting
-from tests.unit.test_image_data import write_idx
 
 CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml"))
 
@@ -63,16 +61,9 @@ def test_config_parses_and_print_config_round_trips(config: str, tmp_path: Path)
     assert yaml.safe_load(first.stdout) == yaml.safe_load(second.stdout)
 
 
-def _fake_fashion_mnist(root: Path) -> None:
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 40), ("t10k", 20)):
-        write_idx(root / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8))
-        write_idx(root / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10)
-
-
 @pytest.mark.parametrize("config", sorted(RUNS))
-def test_config_runs_a_few_cpu_steps(config: str, tmp_path: Path):
-    _fake_fashion_mnist(tmp_path)
+def test_config_runs_a_few_cpu_steps(config: str, tmp_path: Path, fashion_mnist_files):
+    fashion_mnist_files(tmp_path)
     overrides = [o.replace("{tmp}", str(tmp_path)) for o in RUNS[config]]
     out = run_drifting(
         "fit", "--config", config, *overrides,

@@ -5,7 +5,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from unittest import mock
 
 import lightning as L
 import numpy as np
@@ -201,18 +200,8 @@ def test_evaluate_fd_classifier(run, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_evaluate_inception_with_other_weights_reports_fd_inception_and_is(tmp_path, capsys):
-    import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
-
-    from drifting_lightning.metrics.extractors import INCEPTION_FILENAME
-
-    with (
-        mock.patch.object(tf_inception, "load_state_dict_from_url", lambda *a, **k: None),
-        mock.patch.object(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None),
-    ):
-        torch.manual_seed(0)
-        weights = tmp_path / INCEPTION_FILENAME
-        torch.save(tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]).state_dict(), weights)
+def test_evaluate_inception_with_other_weights_reports_fd_inception_and_is(tmp_path, capsys, random_inception_weights):
+    weights = random_inception_weights
     g = torch.Generator().manual_seed(0)
     samples = write_adm_npz(tmp_path / "s.npz", to_uint8(torch.rand(12, 3, 16, 16, generator=g) * 2 - 1))
     ref = write_adm_npz(tmp_path / "r.npz", to_uint8(torch.rand(12, 3, 16, 16, generator=g) * 2 - 1))

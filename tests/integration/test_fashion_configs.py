@@ -17,7 +17,6 @@ import yaml
 from drifting_lightning.encoders.mae import MAEPretraining
 from drifting_lightning.metrics.classifier import ARCH_KEYS, ClassifierTraining, save_classifier
 from tests.integration.cli_helpers import REPO, run_drifting
-from tests.integration.test_configs import _fake_fashion_mnist
 
 
 def config_of(name: str) -> dict:
@@ -38,8 +37,8 @@ def write_mae_encoder(path: Path) -> None:
 
 
 @pytest.mark.parametrize("config", ["fashion_mnist.yaml", "fashion_mnist_mae.yaml"])
-def test_fashion_config_trains_and_logs_fd_classifier(config: str, tmp_path: Path):
-    _fake_fashion_mnist(tmp_path)
+def test_fashion_config_trains_and_logs_fd_classifier(config: str, tmp_path: Path, fashion_mnist_files):
+    fashion_mnist_files(tmp_path)
     write_classifier(tmp_path / "classifier.pt")
     callbacks = config_of(config)["trainer"]["callbacks"]
     frechet = next(c for c in callbacks if c["class_path"].endswith("FrechetCallback"))

@@ -3,11 +3,11 @@
 Inception runs at 299x299 whatever the input size, so every test feeds only a few images.
 """
 
+import math
 from unittest import mock
 
 import pytest
 import torch
-import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
 from torch_fidelity.metric_isc import isc_features_to_metric
 
 from drifting_lightning.encoders.base import Identity
@@ -16,31 +16,16 @@ from drifting_lightning.metrics.extractors import (
     INCEPTION_FILENAME,
     EncoderExtractor,
     InceptionExtractor,
-    build_extractor,
     resolve_inception_weights,
 )
 from drifting_lightning.metrics.frechet import FrechetDistance
-from drifting_lightning.metrics.inception_score import InceptionScore, inception_score
+from drifting_lightning.metrics.inception_score import inception_score
 
 
 @pytest.fixture(scope="module")
-def random_weights(tmp_path_factory):
-    """torch-fidelity's InceptionV3 built without loading weights; its random state_dict saved to a file."""
-    with (
-        mock.patch.object(tf_inception, "load_state_dict_from_url", lambda *a, **k: None),
-        mock.patch.object(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None),
-    ):
-        torch.manual_seed(0)
-        net = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    path = tmp_path_factory.mktemp("inception") / INCEPTION_FILENAME
-    torch.save(net.state_dict(), path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def extractor(random_weights):
+def extractor(random_inception_weights):
     with pytest.warns(UserWarning, match="not the published"):
-        return InceptionExtractor(str(random_weights))
+        return InceptionExtractor(str(random_inception_weights))
 
 
 def test_missing_weights_say_where_to_put_them(tmp_path, monkeypatch):
@@ -57,25 +42,25 @@ def test_missing_weights_say_where_to_put_them(tmp_path, monkeypatch):
         resolve_inception_weights()
 
 
-def test_lookup_order(tmp_path, monkeypatch, random_weights):
+def test_lookup_order(tmp_path, monkeypatch, random_inception_weights):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     monkeypatch.delenv(INCEPTION_ENV, raising=False)
     cached = tmp_path / "torch_home" / "hub" / "checkpoints" / INCEPTION_FILENAME
     cached.parent.mkdir(parents=True)
-    cached.symlink_to(random_weights)
+    cached.symlink_to(random_inception_weights)
     assert resolve_inception_weights() == cached
-    monkeypatch.setenv(INCEPTION_ENV, str(random_weights))
-    assert resolve_inception_weights() == random_weights
+    monkeypatch.setenv(INCEPTION_ENV, str(random_inception_weights))
+    assert resolve_inception_weights() == random_inception_weights
     explicit = tmp_path / "explicit.pth"
-    explicit.symlink_to(random_weights)
+    explicit.symlink_to(random_inception_weights)
     assert resolve_inception_weights(str(explicit)) == explicit
 
 
 def test_quantisation_is_the_dit_rule(extractor):
     x = torch.linspace(-1.2, 1.2, 2 * 3 * 8 * 8).reshape(2, 3, 8, 8)
     dit = torch.clamp(127.5 * x + 128.0, 0, 255).to(torch.uint8)
-    assert torch.equal(extractor.quantize(x), dit)
-    assert torch.equal(extractor.quantize(x[:, :1]), dit[:, :1].expand(-1, 3, -1, -1))  # grayscale -> RGB
+    assert torch.equal(extractor.network_input(x), dit)
+    assert torch.equal(extractor.network_input(x[:, :1]), dit[:, :1].expand(-1, 3, -1, -1))  # grayscale -> RGB
     dummy = (torch.zeros(2, 2048), torch.zeros(2, 1008))
     with mock.patch.object(extractor.net, "forward", return_value=dummy) as fwd:
         extractor(x)
@@ -94,18 +79,16 @@ def test_end_to_end_features_fd_and_inception_score(extractor):
     fd.update(feats, real=False)
     value = fd.compute()
     assert torch.isfinite(value) and value >= 0
-    is_metric = InceptionScore(splits=2)
-    is_metric.update(logits)
-    mean, std = is_metric.compute()
-    assert torch.isfinite(mean) and mean >= 1.0 and std >= 0
+    mean, std = inception_score(logits, splits=2)
+    assert math.isfinite(mean) and mean >= 1.0 and std >= 0
 
 
-def test_matches_torchmetrics_without_antialias(extractor, random_weights):
+def test_matches_torchmetrics_without_antialias(extractor, random_inception_weights):
     from torchmetrics.image.fid import NoTrainInceptionV3
 
-    tm = NoTrainInceptionV3("inception-v3-compat", ["2048"], str(random_weights), antialias=False)
+    tm = NoTrainInceptionV3("inception-v3-compat", ["2048"], str(random_inception_weights), antialias=False)
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    torch.testing.assert_close(extractor(x), tm(extractor.quantize(x)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(extractor(x), tm(extractor.network_input(x)), rtol=1e-5, atol=1e-5)
 
 
 def test_inception_score_matches_torch_fidelity():
@@ -118,9 +101,8 @@ def test_inception_score_matches_torch_fidelity():
     assert inception_score(torch.eye(10).repeat(10, 1) * 1000, splits=1)[0] == pytest.approx(10.0)
 
 
-def test_build_extractor_by_name():
-    ext = build_extractor("encoder", encoder=Identity())
-    assert isinstance(ext, EncoderExtractor) and ext.metric_name == "fd_encoder"
-    assert ext(torch.ones(3, 2, 4)).shape == (3, 8)
-    with pytest.raises(ValueError, match="classifier"):
-        build_extractor("inceptoin")
+def test_encoder_extractor_flattens_one_location():
+    ext = EncoderExtractor(Identity())
+    assert ext.metric_name == "fd_encoder"
+    x = torch.arange(24.0).reshape(3, 2, 4)
+    assert torch.equal(ext(x), x.flatten(1))  # Identity: one location holding the flat sample

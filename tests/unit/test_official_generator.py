@@ -195,9 +195,7 @@ def test_import_then_sample_and_init_from(tmp_path, capsys):
         DriftingModule(DiT(**{**kwargs, "depth": 1}), init_from=str(out))
 
 
-def test_latent_export_samples_through_a_vae(tmp_path):
-    from tests.unit.test_vae_latents import make_tiny_vae
-
+def test_latent_export_samples_through_a_vae(tmp_path, make_tiny_vae):
     vae = make_tiny_vae(tmp_path / "vae")
     out = import_generator(FIXTURES / "gen_latent", tmp_path / "latent")
     npz = tmp_path / "samples.npz"

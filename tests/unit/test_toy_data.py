@@ -1,5 +1,4 @@
 import math
-import pickle
 
 import pytest
 import torch
@@ -119,16 +118,6 @@ def test_resume_continues_with_new_epochs():
     resumed = ToyDataModule(positives_per_step=8, steps_per_epoch=2)
     resumed.load_state_dict({"epoch": 1})
     assert all(torch.equal(a, b["positives"]) for a, b in zip(second, resumed.train_dataloader(), strict=True))
-
-
-def test_stream_is_picklable_and_workers_split_steps():
-    dm = ToyDataModule(positives_per_step=4, steps_per_epoch=6)
-    stream = dm.train_dataloader().dataset
-    assert pickle.loads(pickle.dumps(stream)).steps == 6
-    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2)
-    batches = [b["positives"] for b in loader]
-    assert len(batches) == 6
-    assert len({tuple(b.flatten().tolist()) for b in batches}) == 6  # workers never repeat each other
 
 
 def test_real_samples_separate_streams():

@@ -3,7 +3,8 @@
 The paper's latent models generate 32x32x4 SD-VAE latents of 256x256 images, scaled by 0.18215. ``load_vae`` reads a
 local diffusers folder (always) or a Hugging Face hub id (only when the caller passes ``allow_hub=True``: this module
 never touches the network otherwise); ``VAECodec`` wraps the frozen VAE with its scale factor:
-``encode(images in [-1, 1]) -> scaled latents`` and ``decode(scaled latents) -> images``.
+``posterior(images in [-1, 1]) -> scaled (mean, std)`` and ``decode(scaled latents) -> images``; ``LatentDecoder`` is
+the optional decoder of a latent ``DriftingModule``.
 """
 
 from __future__ import annotations
@@ -202,15 +203,6 @@ class VAECodec(nn.Module):
         dist = self.vae.encode(x.to(self.dtype)).latent_dist
         return dist.mean.float() * self.scale_factor, dist.std.float() * self.scale_factor
 
-    def encode(self, x: Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None) -> Tensor:
-        """x: [B, 3, H, W] in [-1, 1] -> scaled latents [B, C, H/f, W/f] float32: a posterior sample (noise from
-        ``generator``) or the posterior mean."""
-        mean, std = self.posterior(x)
-        if not sample_posterior:
-            return mean
-        device = mean.device if generator is None else generator.device
-        return mean + std * torch.randn(mean.shape, generator=generator, device=device).to(mean.device)
-
     def decode(self, z: Tensor) -> Tensor:
         """z: scaled latents [B, C, h, w] -> images [B, 3, h*f, w*f] in about [-1, 1], in z's dtype. Not clamped,
         so gradients reach every latent (clamp for display)."""
@@ -235,3 +227,17 @@ def shared_codec(
         codec = VAECodec(path_or_id, scale_factor, allow_hub, dtype, keep_encoder=False)
         _codecs[key] = codec.to(device)
     return _codecs[key]
+
+
+class LatentDecoder:
+    """The decoder of a latent run (``DriftingModule(vae=...)``): latents [B, C, h, w] -> images [B, 3, h*f, w*f]
+    in [-1, 1], for sample grids, Frechet metrics and ``drifting sample``. Not a submodule: the VAE is loaded on
+    first use, once per process and device (``shared_codec``), and stays out of the module's state_dict, so
+    checkpoints stay small."""
+
+    def __init__(self, vae: str, allow_hub: bool = False, dtype: str = "float32") -> None:
+        self.vae, self.allow_hub, self.dtype = vae, allow_hub, dtype
+
+    @torch.no_grad()
+    def __call__(self, z: Tensor) -> Tensor:
+        return shared_codec(self.vae, self.allow_hub, self.dtype, z.device).decode(z.float()).clamp(-1.0, 1.0)

@@ -116,22 +116,6 @@ def test_vector_data_plots_first_two_coordinates(tmp_path):
     assert metric.last_value is not None and metric.last_value > 0
 
 
-def test_metric_callback_state_survives_resume():
-    metric = SampleMetricCallback()
-    metric.history = [(200, 0.5), (400, 0.25)]
-    fresh = SampleMetricCallback()
-    fresh.load_state_dict(metric.state_dict())
-    assert fresh.history == [(200, 0.5), (400, 0.25)] and fresh.last_value == 0.25
-    assert SampleMetricCallback(metric="mmd").state_key != fresh.state_key
-
-
-def test_bad_arguments():
-    with pytest.raises(ValueError, match="Did you mean 'energy_distance'"):
-        SampleMetricCallback(metric="energy_distanse")
-    with pytest.raises(ValueError, match="every_n_steps"):
-        ScatterPlotCallback(every_n_steps=0)
-
-
 def test_needs_a_datamodule(tmp_path):
     loader = ToyDataModule(positives_per_step=8, steps_per_epoch=3).train_dataloader()
     trainer = make_trainer(tmp_path, [ScatterPlotCallback(every_n_steps=1)])

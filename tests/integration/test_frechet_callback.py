@@ -9,7 +9,6 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -150,15 +149,8 @@ def test_missing_inception_weights_warn_once_and_training_goes_on(tmp_path, monk
     assert not any(tag.startswith("metrics/") for tag in scalars(trainer.log_dir))
 
 
-def test_inception_with_other_weights_is_fd_inception_never_fid(tmp_path):
-    with (
-        mock.patch.object(tf_inception, "load_state_dict_from_url", lambda *a, **k: None),
-        mock.patch.object(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None),
-    ):
-        torch.manual_seed(0)
-        net = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    weights = tmp_path / INCEPTION_FILENAME  # the published name, other content: the hash decides
-    torch.save(net.state_dict(), weights)
+def test_inception_with_other_weights_is_fd_inception_never_fid(tmp_path, random_inception_weights):
+    weights = random_inception_weights  # the published name, other content: the hash decides
     cb = FrechetCallback(every_n_steps=100, num_samples=4, metric="fid", weights=str(weights), batch_size=4,
                          cache_dir=str(tmp_path / "refs"))  # fmt: skip
     with pytest.warns(UserWarning, match="not the published"):

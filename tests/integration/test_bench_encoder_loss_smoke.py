@@ -1,0 +1,26 @@
+"""benchmarks/encoder_loss.py --quick runs end to end and returns its rows: the feature sets grow with the families,
+every run measured time and memory. (Memory bounds are compared in the full run, benchmarks/RESULTS.md: resident-set
+sizes on a shared machine are not for assertions.)"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import encoder_loss  # noqa: E402
+
+
+def test_quick_benchmark_grows_features_and_measures_every_run():
+    # In this process: the workers are forked from it and inherit its imports, which keeps the test short. A small
+    # chunk bound, so that the tiny per-location features still take several chunks.
+    rows = encoder_loss.main(["--quick", "--cases", "fashion", "--clock", "cpu", "--chunk-elements", "4096"])
+    assert [(case, "+".join(families)) for case, families, _ in rows] == [
+        ("fashion", "global"),
+        ("fashion", "global+patch2+patch4+location"),
+    ]
+    (_, _, few), (_, _, every) = rows
+    for runs in (few, every):
+        assert set(runs) == {(chunked, mode) for chunked in (True, False) for mode in ("full", "loss")}
+        assert not any(run.get("error") for run in runs.values())
+    assert every[(True, "full")]["features"] > few[(True, "full")]["features"]  # more families, more feature sets
+    assert every[(True, "full")]["gen_bytes"] > few[(True, "full")]["gen_bytes"]
+    assert every[(True, "loss")]["budget"] > 0 and every[(True, "full")]["encoder"]["time"] >= 0
