@@ -23,7 +23,7 @@ from drifting_lightning.data import latent_shards as shards
 from drifting_lightning.data.image_sources import center_crop_arr
 from drifting_lightning.data.latents import LatentDataModule, encode_latents, main
 from drifting_lightning.data.vae import VAECodec, load_vae, resolve_vae_dir, shared_codec, vae_fingerprint
-from drifting_lightning.encoders.resnet_mae import ResNetMAE
+from drifting_lightning.encoders.resnet_mae import ResNetConfig, ResNetMAE
 from drifting_lightning.encoders.vae_bridge import VAEBridge
 from drifting_lightning.sampling.positives import ClassAwareSampler
 
@@ -151,7 +151,7 @@ def test_codec_encode_decode_round_trip(assets):
 
 
 def test_vae_bridge_passes_gradients_to_latents(assets):
-    pixel = ResNetMAE(in_channels=3, width=8, stages=(1, 1), input_size=RES, patchify=4)
+    pixel = ResNetMAE(ResNetConfig(3, 8, (1, 1, 1, 1), patchify=4))
     bridge = VAEBridge(str(assets["vae"]), pixel)
     assert not any(p.requires_grad for p in bridge.parameters()) and bridge.codec.vae.encoder is None
     z = torch.randn(3, 4, RES // 2, RES // 2, requires_grad=True)
@@ -439,7 +439,7 @@ def test_latent_generator_trains_through_vae_bridge(assets, tmp_path):
     from drifting_lightning.module import DriftingModule
 
     dm = LatentDataModule(str(assets["cache"]), positives=ClassAwareSampler(2, 3, 2), steps_per_epoch=2, resolution=RES)
-    pixel = ResNetMAE(in_channels=3, width=8, stages=(1, 1), input_size=RES, patchify=4)
+    pixel = ResNetMAE(ResNetConfig(3, 8, (1, 1, 1, 1), patchify=4))
     module = DriftingModule(DiT("tiny", input_size=16, num_classes=3), encoder=VAEBridge(str(assets["vae"]), pixel),
                             generated_per_group=3)  # fmt: skip
     zero = [p for p in module.generator.parameters() if not p.detach().any()]  # zero-initialised output layer
