@@ -45,6 +45,7 @@ from drifting_lightning.export import import_class  # noqa: E402
 from drifting_lightning.module import _grouped  # noqa: E402
 
 CASES = {"fashion": "configs/fashion_mnist_mae.yaml", "imagenet": "configs/imagenet.yaml"}
+SAMPLE_SHAPES = {"fashion": [1, 28, 28], "imagenet": [4, 32, 32]}  # the encoders' inputs
 FAMILY_STEPS = (("global",), ("global", "patch2"), ("global", "patch2", "patch4"),
                 ("global", "patch2", "patch4", "location"))  # fmt: skip
 SEGMENTS = ("encoder", "loss", "backward")
@@ -55,16 +56,18 @@ def case_spec(case: str, args: argparse.Namespace) -> dict:
     cfg = read_run_config(ROOT / CASES[case])
     model, counts = cfg["model"]["init_args"], cfg["data"]["init_args"]["positives"]["init_args"]
     encoder = {**model["encoder"].get("init_args", {}), "checkpoint": None}
+    arch = encoder["arch"] = dict(encoder.get("arch") or {})
     g = counts["classes_per_step"]
     if case == "imagenet":
-        encoder["width"] = args.imagenet_width or (encoder.get("width", 256) if args.device != "cpu" else 32)
+        arch["width"] = args.imagenet_width or (arch.get("width", 256) if args.device != "cpu" else 32)
         g = args.imagenet_groups or (8 if args.device != "cpu" else 1)
     n, p, m = model["generated_per_group"], counts["positives_per_class"], counts["unconditional_per_class"]
     if args.quick:
         g, n, p, m = 2, 4, 4, 2
-        encoder["width"] = 8
+        arch["width"] = 8
     loss = model.get("loss", {"class_path": "drifting_lightning.drift.loss.DriftingLoss"})
     return {"case": case, "encoder_class": model["encoder"]["class_path"], "encoder": encoder,
+            "shape": SAMPLE_SHAPES[case],
             "loss_class": loss["class_path"], "loss": loss.get("init_args", {}), "G": g, "N": n, "P": p, "M": m,
             "device": args.device, "threads": args.threads, "clock": args.clock, "warmup": args.warmup,
             "repeats": args.repeats,
@@ -77,8 +80,7 @@ def make_run(spec: dict, encoder: torch.nn.Module, loss_fn: torch.nn.Module, siz
     (encoder forward, loss forward, backward) seconds to ``segments``."""
     g, n, p, m = sizes
     device = torch.device(spec["device"])
-    size = spec["encoder"]["input_size"]
-    shape = (spec["encoder"]["in_channels"], size, size)
+    shape = tuple(spec["shape"])
     weights = torch.rand(g, device=device) * 4
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["bf16"])
     if spec["mode"] == "loss":
@@ -131,9 +133,8 @@ def worker(spec: dict) -> dict:
     encoder = import_class(spec["encoder_class"])(**{**spec["encoder"], "families": spec["families"]}).to(device)
     loss_fn = import_class(spec["loss_class"])(**{**spec["loss"], "max_chunk_elements": spec["chunk"]})
     g, n, p, m = sizes = spec["G"], spec["N"], spec["P"], spec["M"]
-    size = spec["encoder"]["input_size"]
     with torch.no_grad():
-        shapes = [v.shape[1:] for v in encoder(torch.randn(1, spec["encoder"]["in_channels"], size, size)).values()]
+        shapes = [v.shape[1:] for v in encoder(torch.randn(1, *spec["shape"])).values()]
     t = n + m + p
     # The working memory of the largest chunk: one [rows, N, T] matrix holds at most max_chunk_elements.
     budget = max(chunk_budget_bytes(min(spec["chunk"] or g * lc[0] * n * t, g * lc[0] * n * t), n, t, lc[1])
@@ -210,8 +211,9 @@ def main(argv: list[str] | None = None) -> list[tuple[str, tuple[str, ...], dict
     for case in args.cases:
         spec = case_spec(case, args)
         enc = spec["encoder"]
-        print(f"{case}: {CASES[case]}, encoder width {enc['width']}, stages {enc.get('stages', [3, 4, 6, 3])}, "
-              f"{enc['in_channels']}x{enc['input_size']}x{enc['input_size']} inputs, G={spec['G']} groups of "
+        arch = enc["arch"]
+        print(f"{case}: {CASES[case]}, encoder width {arch['width']}, stages {arch.get('stages', [3, 4, 6, 3])}, "
+              f"{'x'.join(map(str, spec['shape']))} inputs, G={spec['G']} groups of "
               f"N={spec['N']} generated, P={spec['P']} positives, M={spec['M']} negatives"
               + (", bf16 autocast" if spec["bf16"] else ""))  # fmt: skip
         for families in (FAMILY_STEPS[0], FAMILY_STEPS[-1]) if args.quick else FAMILY_STEPS:

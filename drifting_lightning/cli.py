@@ -6,9 +6,13 @@ and a Ctrl-C while torch and Lightning load is handled like any other ("interrup
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 
 from drifting_lightning.commands import UsageError, guarded
 
@@ -59,8 +63,31 @@ def _dispatch(argv: list[str]) -> int:
             raise UsageError(f"{name} goes after a command; commands: {', '.join(COMMANDS)} (drifting --help)")
         raise UsageError(f"{unknown('command', name, list(COMMANDS))} (drifting --help)")
     module, function = COMMANDS[name][0].split(":")
-    command: Callable[[Sequence[str]], int] = getattr(importlib.import_module(module), function)
+    with _exit_on_ctrl_c_while_loading():
+        command: Callable[[Sequence[str]], int] = getattr(importlib.import_module(module), function)
     return command(rest)
+
+
+@contextlib.contextmanager
+def _exit_on_ctrl_c_while_loading() -> Iterator[None]:
+    """Ctrl-C while a command's modules load ends the process at once with "interrupted" (130).
+
+    A KeyboardInterrupt raised inside an import can leave a half-initialised module behind (numpy, scipy), and the
+    next import then fails with an unrelated AttributeError traceback instead of reaching our handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupted(signum: int, frame: object) -> None:
+        sys.stderr.write("interrupted\n")
+        sys.stderr.flush()
+        os._exit(130)
+
+    previous = signal.signal(signal.SIGINT, interrupted)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def list_components(argv: Sequence[str]) -> int:

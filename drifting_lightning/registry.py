@@ -29,6 +29,7 @@ BUILTIN_MODULES = (
     "drifting_lightning.encoders.resnet_mae",
     "drifting_lightning.encoders.resnet50",
     "drifting_lightning.encoders.composite",
+    "drifting_lightning.encoders.convnext",
     "drifting_lightning.encoders.mae",
     "drifting_lightning.sampling.guidance",
     "drifting_lightning.sampling.positives",

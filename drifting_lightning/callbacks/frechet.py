@@ -63,7 +63,7 @@ def encoder_from_checkpoint(path: str) -> FeatureEncoder:
             "For the encoder of a drifting run, leave `checkpoint` unset (the callback uses the run's encoder) or "
             "pass the run's checkpoint to `drifting evaluate --checkpoint`."
         )
-    return ResNetMAE(**config, checkpoint=str(path))
+    return ResNetMAE(checkpoint=str(path))  # the architecture comes with the checkpoint
 
 
 def make_extractor(

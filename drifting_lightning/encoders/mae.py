@@ -1,16 +1,18 @@
-"""MAE pretraining of the ResNet feature encoder, as its own LightningModule (PAPER.md section 4, paper A.3).
+"""MAE pretraining of the feature encoder with the authors' recipe, as a LightningModule (their ``train_mae.py``,
+``configs/mae/*.yaml``; PAPER.md section 4, paper A.3).
 
-Zero 2x2 patches of the input with p = 0.5, encode with the GroupNorm ResNet, reconstruct with a U-Net decoder
-(bilinear up, skip concat, GN, two conv-GN-ReLU), L2 on the masked region. AdamW, EMA of the encoder, random
-resized crop. Optional classifier fine-tune: lam * CE + (1 - lam) * recon, lam ramping 0 -> classifier_weight.
-The saved checkpoint loads into ``ResNetMAE(checkpoint=...)`` (its EMA encoder).
+Per step: random resized crop + horizontal flip in pixel space, then (latent MAE) the frozen VAE's encoder; mask 2x2
+patches of the encoder input with p = 0.5; ``MAEModel`` reconstructs them (squared error over masked positions).
+AdamW with weight decay on every parameter, linear warm-up then a constant rate, an EMA of the encoder. In the last
+``finetune_last_steps`` the classifier joins: lam * CE + (1 - lam) * recon on the masked input, lam ramping to
+``finetune_cls`` over ``finetune_warmup`` steps. Gradient clipping is the trainer's (``gradient_clip_val: 2.0``).
+``export_encoder`` writes the EMA encoder as an encoder checkpoint for ``ResNetMAE(checkpoint=...)``.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +20,15 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
-from torch import Tensor, nn
+from torch import Tensor
 
-from drifting_lightning.encoders.resnet_mae import ResNetBackbone, conv3x3, group_norm, patchify, unpatchify
+from drifting_lightning.encoders.mae_model import MAEModel, patch_mask
+from drifting_lightning.encoders.resnet_mae import ResNetConfig, patchify, save_encoder, unpatchify
 
 
 def random_resized_crop(
     x: Tensor,
-    scale: tuple[float, float] = (0.6, 1.0),
+    scale: tuple[float, float] = (0.2, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     generator: torch.Generator | None = None,
 ) -> Tensor:
@@ -49,123 +52,67 @@ def random_resized_crop(
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def random_patch_mask(
-    shape: Sequence[int],
-    patch: int = 2,
-    ratio: float = 0.5,
-    device: torch.device | str | None = None,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """Keep-mask [B, 1, H, W] (1 = visible, 0 = masked): each ``patch`` x ``patch`` patch is masked with prob. ratio.
-
-    shape: (B, C, H, W) of the input; patches at the border are cut when H or W is not a multiple of ``patch``.
-    """
-    b, _, h, w = shape
-    gh, gw = -(-h // patch), -(-w // patch)
-    keep = (torch.rand(b, 1, gh, gw, generator=generator, device=device) >= ratio).float()
-    return keep.repeat_interleave(patch, 2).repeat_interleave(patch, 3)[:, :, :h, :w]
-
-
-def reconstruction_loss(pred: Tensor, target: Tensor, keep: Tensor) -> Tensor:
-    """Mean squared error over the masked elements only (keep == 0). pred, target: [B, C, H, W]; keep: [B, 1, H, W]."""
-    masked = (1 - keep).expand_as(target)
-    return ((pred.float() - target.float()).square() * masked).sum() / masked.sum().clamp(min=1)
-
-
-class UpBlock(nn.Module):
-    """Bilinear up to the skip's size, concat the skip, GN, then two conv3x3-GN-ReLU."""
-
-    def __init__(self, cin: int, cskip: int, cout: int) -> None:
-        super().__init__()
-        self.norm = group_norm(cin + cskip)
-        self.convs = nn.Sequential(
-            conv3x3(cin + cskip, cout), group_norm(cout), nn.ReLU(), conv3x3(cout, cout), group_norm(cout), nn.ReLU()
-        )
-
-    def forward(self, y: Tensor, skip: Tensor) -> Tensor:
-        if y.shape[-2:] != skip.shape[-2:]:
-            y = F.interpolate(y, size=skip.shape[-2:], mode="bilinear", align_corners=False)
-        return self.convs(self.norm(torch.cat([y, skip], 1)))
-
-
-class UNetDecoder(nn.Module):
-    """From the deepest map up through the skips (stage outputs, then the stem) to ``out_channels`` (1x1 conv)."""
-
-    def __init__(self, skip_channels: Sequence[int], out_channels: int) -> None:
-        super().__init__()
-        cin, ups = skip_channels[-1], []
-        for c in reversed(skip_channels[:-1]):
-            ups.append(UpBlock(cin, c, c))
-            cin = c
-        self.ups = nn.ModuleList(ups)
-        self.head = nn.Conv2d(cin, out_channels, 1)
-
-    def forward(self, skips: Sequence[Tensor]) -> Tensor:
-        y = skips[-1]
-        for up, skip in zip(self.ups, reversed(skips[:-1])):
-            y = up(y, skip)
-        return self.head(y)
+def random_flip(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Flip each image of [B, C, H, W] left-right with probability 1/2."""
+    flip = torch.rand(x.shape[0], generator=generator, device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
 class MAEPretraining(pl.LightningModule):
-    """Masked-autoencoder pretraining of ``ResNetBackbone`` (the encoder of ``ResNetMAE``).
+    """Masked-autoencoder pretraining of ``ResNetEncoder`` (the encoder of ``ResNetMAE``) with the authors' recipe.
 
-    Batches: the training batch dict of the drifting data modules (``"positives"`` [Nc, Npos, C, H, W] and
-    ``"labels"`` [Nc], flattened to Nc*Npos images with labels repeated per group), or ``(images, labels)``.
-    Masking works on the backbone input (after ``patchify``). The classifier (when classifier_weight > 0) reads
-    the global average of the last stage on the unmasked image. lam = classifier_weight * min(1, step / ramp).
-    Logs ``mae/loss``, ``mae/recon`` (+ ``mae/ce``, ``mae/acc``, ``mae/lambda``), and every
-    ``log_images_every_n_steps`` a grid (rows: masked input, reconstruction, original; first 3 channels) to
-    TensorBoard and as a PNG under ``{trainer.log_dir}/mae_images``. The checkpoint also holds
-    ``encoder_config`` so that ``ResNetMAE(checkpoint=...)`` can say which arguments to match.
+    Batches: the drifting data modules' dict (``"positives"`` [Nc, Npos, C, H, W], ``"labels"`` [Nc]; flattened, labels
+    repeated per group) or ``(images, labels)``. ``vae``: a diffusers AutoencoderKL folder: the (augmented) pixel
+    batch is encoded on the fly, a posterior sample times the latent scale, as the authors' latent MAE does;
+    ``arch.in_channels`` is then the VAE's latent channels. ``mask_ratio``: the fraction of ``mask_patch`` x
+    ``mask_patch`` patches of the encoder input that are masked. Logs ``mae/loss``, ``mae/recon`` (+ ``mae/ce``,
+    ``mae/acc``, ``mae/lambda`` during the fine-tune) and every ``log_images_every_n_steps`` an image grid.
     """
 
     def __init__(
         self,
-        in_channels: int = 4,
-        width: int = 256,
-        stages: Sequence[int] = (3, 4, 6, 3),
-        input_size: int = 32,
-        patchify: int = 1,
-        min_map: int = 4,
+        arch: ResNetConfig,
+        num_classes: int = 1000,
         lr: float = 4e-3,
-        weight_decay: float = 0.05,
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_steps: int = 0,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 4000,
         ema_decay: float = 0.9995,
         mask_ratio: float = 0.5,
         mask_patch: int = 2,
-        classifier_weight: float = 0.0,
-        classifier_ramp_steps: int = 0,
-        num_classes: int = 0,
-        crop_scale: tuple[float, float] = (0.6, 1.0),
+        total_steps: int | None = None,
+        finetune_last_steps: int = 0,
+        finetune_warmup: int = 1000,
+        finetune_cls: float = 0.1,
+        crop_scale: tuple[float, float] = (0.2, 1.0),
         crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
-        log_images_every_n_steps: int = 200,
+        flip: bool = True,
+        vae: str | None = None,
+        log_images_every_n_steps: int = 1000,
     ) -> None:
         super().__init__()
-        if classifier_weight > 0 and num_classes < 2:
-            raise ValueError(f"classifier_weight={classifier_weight} needs num_classes >= 2, got {num_classes}")
+        arch = ResNetConfig.of(arch)
         if mask_patch < 1:
             raise ValueError(f"mask_patch must be >= 1, got {mask_patch}")
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must lie in [0, 1), got {mask_ratio}")
         if not 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0:
             raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {crop_scale}")
-        if input_size % patchify:
-            raise ValueError(f"input_size={input_size} must be a multiple of patchify={patchify}")
-        self.save_hyperparameters()
-        self.encoder_config = {
-            "in_channels": in_channels,
-            "width": width,
-            "stages": list(stages),
-            "input_size": input_size,
-            "patchify": patchify,
-            "min_map": min_map,
-        }
-        self.encoder = ResNetBackbone(in_channels * patchify**2, width, stages, input_size // patchify, min_map)
-        self.ema_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
-        self.decoder = UNetDecoder(self.encoder.skip_channels, in_channels * patchify**2)
-        self.classifier = nn.Linear(self.encoder.out_channels, num_classes) if classifier_weight > 0 else None
+        if finetune_last_steps > 0 and num_classes < 2:
+            raise ValueError(f"finetune_last_steps={finetune_last_steps} needs num_classes >= 2, got {num_classes}")
+        self.save_hyperparameters(ignore=["arch"])
+        self.hparams["arch"] = arch.as_dict()  # plain types: checkpoints stay readable with weights_only=True
+        self.arch = arch
+        self.model = MAEModel(arch, num_classes)
+        self.ema_encoder = copy.deepcopy(self.model.encoder).requires_grad_(False)
+        self.codec = None
+        if vae is not None:
+            from drifting_lightning.models.vae import VAECodec  # only the latent MAE needs diffusers
+
+            self.codec = VAECodec(vae)
+            if self.codec.latent_channels != arch.in_channels:
+                raise ValueError(f"vae {vae!r} has {self.codec.latent_channels} latent channels but arch.in_channels "
+                                 f"is {arch.in_channels}; set arch.in_channels to {self.codec.latent_channels}")
 
     @staticmethod
     def images_and_labels(batch: Any) -> tuple[Tensor, Tensor | None]:
@@ -179,60 +126,61 @@ class MAEPretraining(pl.LightningModule):
             return batch[0], batch[1] if len(batch) > 1 else None
         return batch, None
 
-    def classifier_lambda(self, step: int) -> float:
-        """lam ramps linearly from 0 to classifier_weight over classifier_ramp_steps (constant when 0)."""
+    def last_step(self) -> int:
         hp = self.hparams
-        if self.classifier is None:
-            return 0.0
-        ramp = hp.classifier_ramp_steps
-        return hp.classifier_weight * (1.0 if ramp <= 0 else min(1.0, step / ramp))
+        if hp.total_steps is not None:
+            return hp.total_steps
+        trainer = self._trainer
+        if trainer is None or trainer.max_steps is None or trainer.max_steps < 0:
+            raise ValueError("finetune_last_steps > 0 needs total_steps or the trainer's max_steps")
+        return trainer.max_steps
 
-    def mae_step(
-        self,
-        images: Tensor,
-        labels: Tensor | None = None,
-        augment: bool = True,
-        generator: torch.Generator | None = None,
-    ) -> dict[str, Tensor]:
-        """The loss and its parts for a batch of images [B, C, H, W]; also the tensors for the image grid."""
+    def classifier_lambda(self, step: int) -> float:
+        """0 before the last ``finetune_last_steps``; then finetune_cls * min(1, steps since start / warm-up)."""
         hp = self.hparams
-        if augment:
-            with torch.no_grad():
+        if hp.finetune_last_steps <= 0:
+            return 0.0
+        start = self.last_step() - hp.finetune_last_steps
+        if step < start:
+            return 0.0
+        return hp.finetune_cls * min(1.0, (step - start) / max(1, hp.finetune_warmup))
+
+    def inputs(self, images: Tensor, augment: bool = True, generator: torch.Generator | None = None) -> Tensor:
+        """The MAE's input: augmented pixels, VAE-encoded for a latent MAE."""
+        hp = self.hparams
+        with torch.no_grad():
+            if augment:
                 images = random_resized_crop(images, hp.crop_scale, hp.crop_ratio, generator=generator)
-        target = patchify(images, hp.patchify)
-        keep = random_patch_mask(target.shape, hp.mask_patch, hp.mask_ratio, target.device, generator)
-        masked = target * keep
-        taps = self.encoder(masked)
-        pred = self.decoder([taps[n] for n in self.encoder.skip_names])
-        out = {
-            "recon": reconstruction_loss(pred, target, keep),
-            "masked": masked,
-            "pred": pred,
-            "target": target,
-            "keep": keep,
-        }
-        out["loss"] = out["recon"]
-        if self.classifier is not None:
-            if labels is None:
-                raise ValueError("classifier_weight > 0 needs labels in the batch; this batch has none")
-            lam = self.classifier_lambda(self.global_step)
-            deepest = self.encoder(target)[self.encoder.skip_names[-1]]
-            logits = self.classifier(deepest.mean((2, 3)))
-            out["ce"] = F.cross_entropy(logits.float(), labels)
-            out["acc"] = (logits.argmax(1) == labels).float().mean()
-            out["lambda"] = torch.tensor(lam)
-            out["loss"] = lam * out["ce"] + (1 - lam) * out["recon"]
-        return out
+                if hp.flip:
+                    images = random_flip(images, generator)
+            if self.codec is not None:
+                images = self.codec.encode(images, generator=generator)
+        return images
+
+    def mae_step(self, images: Tensor, labels: Tensor | None, step: int, augment: bool = True,
+                 generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        hp = self.hparams
+        x = self.inputs(images, augment, generator)
+        p = self.arch.patchify
+        mask = patch_mask((x.shape[0], x.shape[2] // p, x.shape[3] // p), hp.mask_patch, hp.mask_ratio, x.device,
+                          generator)
+        lam = self.classifier_lambda(step)
+        out = self.model(x, labels if lam > 0 else None, mask, lam)
+        result = {"loss": out["loss"].mean(), "recon": out["recon_loss"].mean(), "x": x, "mask": mask,
+                  "pred": out["recon"]}
+        if lam > 0:
+            result.update(ce=out["cls_loss"].mean(), acc=out["accuracy"].mean(), **{"lambda": torch.tensor(lam)})
+        return result
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         images, labels = self.images_and_labels(batch)
-        out = self.mae_step(images, labels)
+        out = self.mae_step(images, labels, self.global_step)
         for k in ("loss", "recon", "ce", "acc", "lambda"):
             if k in out:
                 self.log(f"mae/{k}", out[k].detach(), prog_bar=k == "loss", batch_size=images.shape[0])
         every = self.hparams.log_images_every_n_steps
         if every > 0 and self.global_step % every == 0 and self.trainer.is_global_zero:
-            self.log_images(out["masked"], out["pred"], out["target"], out["keep"])
+            self.log_images(out["x"], out["pred"], out["mask"])
         return out["loss"]
 
     @torch.no_grad()
@@ -241,23 +189,21 @@ class MAEPretraining(pl.LightningModule):
 
     @torch.no_grad()
     def update_ema(self) -> None:
-        """ema <- decay * ema + (1 - decay) * online, for every parameter and buffer of the encoder."""
-        decay = self.hparams.ema_decay
-        ema, online = list(self.ema_encoder.parameters()), [p.detach() for p in self.encoder.parameters()]
-        torch._foreach_lerp_(ema, online, 1 - decay)
-        for e, b in zip(self.ema_encoder.buffers(), self.encoder.buffers()):
-            e.copy_(b)
+        """ema <- decay * ema + (1 - decay) * online, for every parameter of the encoder."""
+        ema = list(self.ema_encoder.parameters())
+        online = [p.detach() for p in self.model.encoder.parameters()]
+        torch._foreach_lerp_(ema, online, 1 - self.hparams.ema_decay)
 
     @torch.no_grad()
-    def log_images(self, masked: Tensor, pred: Tensor, target: Tensor, keep: Tensor, n: int = 8) -> None:
-        """Rows masked input / reconstruction pasted into the masked patches / raw reconstruction / original, first
-        3 channels, scaled by the originals' range. The loss sees only masked patches, so the raw reconstruction
-        of visible patches is untrained and noisy; the pasted row is the one to judge."""
+    def log_images(self, x: Tensor, pred: Tensor, mask: Tensor, n: int = 8) -> None:
+        """Rows: masked input / reconstruction pasted into the masked patches / original; first 3 channels, scaled
+        by the originals' range (the loss sees only masked patches, so the pasted row is the one to judge)."""
         import torchvision
 
-        p = self.hparams.patchify
-        pasted = torch.where(keep.bool(), target, pred)
-        rows = [unpatchify(t[:n].detach().float(), p)[:, :3] for t in (masked, pasted, pred, target)]
+        p, c = self.arch.patchify, self.arch.in_channels
+        target = patchify(x[:n].float(), p)
+        m = mask[:n].bool()
+        rows = [unpatchify(t, p, c)[:, :3] for t in (target * ~m, torch.where(m, pred[:n].float(), target), target)]
         lo, hi = rows[-1].amin(), rows[-1].amax()
         grid = torchvision.utils.make_grid(
             ((torch.cat(rows) - lo) / (hi - lo).clamp(min=1e-8)).clamp(0, 1), nrow=rows[0].shape[0], padding=1
@@ -272,26 +218,16 @@ class MAEPretraining(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.ndim >= 2], "weight_decay": hp.weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-        ]  # no decay on norms, biases
-        opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
+        # The authors decay every parameter (optax.adamw without a mask), norms and biases included.
+        opt = torch.optim.AdamW(self.model.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
         if hp.warmup_steps <= 0:
             return opt
         warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / hp.warmup_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": warm, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["encoder_config"] = dict(self.encoder_config)
+        checkpoint["encoder_config"] = self.arch.as_dict()
 
     def export_encoder(self, path: str | Path) -> None:
-        """Write the EMA encoder weights as a plain state_dict (.safetensors, else torch.save) for ResNetMAE."""
-        state = {k: v.detach().cpu().contiguous() for k, v in self.ema_encoder.state_dict().items()}
-        if str(path).endswith(".safetensors"):
-            from safetensors.torch import save_file
-
-            save_file(state, str(path), metadata={k: str(v) for k, v in self.encoder_config.items()})
-        else:
-            torch.save(state, str(path))
+        """Write the EMA encoder as an encoder checkpoint (``save_encoder``) for ``ResNetMAE(checkpoint=...)``."""
+        save_encoder(path, self.ema_encoder.state_dict(), self.arch)

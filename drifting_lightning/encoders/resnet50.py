@@ -58,7 +58,7 @@ class PretrainedResNet50(FeatureEncoder):
     """Frozen ResNet-50 (torchvision layout, BatchNorm in eval mode) loaded from ``checkpoint``.
 
     x: [B, 3, H, W] in [-1, 1] -> mapped to [0, 1] and normalised with the ImageNet mean/std, then
-    ``multiscale_features`` of each stage output, named ``"layer{k}.{set}"`` (e.g. ``"layer3.patch2.mean"``;
+    ``multiscale_features`` of each stage output, named like the authors' sets (e.g. ``"layer3_mean_2"``;
     maps are H/4, H/8, H/16, H/32). Optional: ``"input.stat"`` [B, 1, 3] (``input_statistic`` of the normalised
     input) and ``"raw"`` [B, 1, 3*H*W].
     ``key_layout``: "moco", "torchvision"/"simclr" (see ``trunk_state``) or "auto" (MoCo when keys start with

@@ -203,6 +203,15 @@ class VAECodec(nn.Module):
         dist = self.vae.encode(x.to(self.dtype)).latent_dist
         return dist.mean.float() * self.scale_factor, dist.std.float() * self.scale_factor
 
+    def encode(self, x: Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None) -> Tensor:
+        """x: [B, 3, H, W] in [-1, 1] -> scaled latents [B, C, H/f, W/f] float32: a posterior sample (noise from
+        ``generator``) or the posterior mean (the latent MAE encodes its augmented crops on the fly)."""
+        mean, std = self.posterior(x)
+        if not sample_posterior:
+            return mean
+        device = mean.device if generator is None else generator.device
+        return mean + std * torch.randn(mean.shape, generator=generator, device=device).to(mean.device)
+
     def decode(self, z: Tensor) -> Tensor:
         """z: scaled latents [B, C, h, w] -> images [B, 3, h*f, w*f] in about [-1, 1], in z's dtype. Not clamped,
         so gradients reach every latent (clamp for display)."""

@@ -25,9 +25,9 @@ RUNS: dict[str, list[str]] = {
     **{c: TOY_TINY for c in CONFIGS if c.startswith("configs/toy/")},
     "configs/digits.yaml": ["--model.init_args.generated_per_group", "4", *TINY_POSITIVES,
                             "--data.init_args.positives.init_args.unconditional_per_class", "2"],
-    "configs/mae/digits.yaml": ["--model.init_args.width", "8", *TINY_POSITIVES],
+    "configs/mae/digits.yaml": ["--model.init_args.arch.width", "8", *TINY_POSITIVES],
     # Its ModelCheckpoint writes to a fixed dirpath under runs/ (fashion_mnist_mae.yaml reads it): redirect it.
-    "configs/mae/fashion_mnist.yaml": ["--model.init_args.width", "8", "--data.init_args.root", "{tmp}",
+    "configs/mae/fashion_mnist.yaml": ["--model.init_args.arch.width", "8", "--data.init_args.root", "{tmp}",
                                        *TINY_POSITIVES, "--trainer.callbacks", CHECKPOINT_IN_TMP],
 }
 
@@ -38,8 +38,9 @@ COVERED_ELSEWHERE = {
     "configs/fashion_mnist_mae.yaml": "tests/integration/test_fashion_configs.py",
     **{f"configs/imagenet{name}.yaml": "tests/integration/test_imagenet_config.py"
        for name in ("", "_sota_B", "_sota_L", "_pixel_B", "_pixel_L")},
-    "configs/mae/imagenet_latent.yaml": "tests/integration/test_imagenet_config.py",
-    "configs/mae/imagenet_latent_w640.yaml": "tests/integration/test_imagenet_config.py",
+    "configs/mae/imagenet_latent_256.yaml": "tests/integration/test_imagenet_config.py",
+    "configs/mae/imagenet_latent_640.yaml": "tests/integration/test_imagenet_config.py",
+    "configs/mae/imagenet_pixel_640.yaml": "tests/integration/test_imagenet_config.py",
 }
 
 

@@ -50,8 +50,8 @@ def test_fashion_config_trains_and_logs_fd_classifier(config: str, tmp_path: Pat
         "generator": {"init_args": {"hidden_size": 32, "depth": 1}},
     }
     if "encoder" in config_of(config)["model"]["init_args"]:
-        write_mae_encoder(tmp_path / "encoder.safetensors")
-        model["encoder"] = {"init_args": {"checkpoint": str(tmp_path / "encoder.safetensors")}}
+        write_mae_encoder(tmp_path / "encoder.pt")
+        model["encoder"] = {"init_args": {"checkpoint": str(tmp_path / "encoder.pt")}}
     overrides = {
         "trainer": {"max_steps": 2, "callbacks": callbacks, "enable_progress_bar": False,
                     "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",

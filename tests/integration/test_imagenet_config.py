@@ -17,12 +17,13 @@ import torch
 import yaml
 
 from drifting_lightning.data import latent_shards as shards
-from drifting_lightning.data.latents import encode_latents
 from tests.integration.cli_helpers import REPO, run_drifting
 
 TINY_GROUPS = {"positives": {"init_args": {"classes_per_step": 2, "positives_per_class": 4,
                                            "unconditional_per_class": 2, "queue_size": 4,
                                            "unconditional_queue_size": 8, "push_per_step": 4}}}  # fmt: skip
+TINY_SAMPLER_GROUPS = {"positives": {"init_args": {"classes_per_step": 2, "positives_per_class": 4,
+                                                   "unconditional_per_class": 2}}}  # the MAE configs' ClassAwareSampler
 SWEEP = [1.0, 1.1, 1.2, 1.4, 1.6, 1.8, 2.0, 2.5, 3.0, 3.5]
 # The authors' configs/gen/<name>.yaml, as our keys: preset, lr, weight decay, warmup, steps, N_c, N_pos, N_unc,
 # alpha power k, P(alpha = 1), push per step, their eval alpha sweep.
@@ -102,7 +103,7 @@ def test_imagenet_latent_config_encodes_then_trains(
             "trainer": {**trainer_overrides(tmp_path), "callbacks": callbacks},
             "model": {"init_args": {
                 "generator": {"init_args": {"preset": "tiny"}},
-                "encoder": {"init_args": {"width": 8, "checkpoint": None}},
+                "encoder": {"init_args": {"arch": {"in_channels": 4, "width": 8}, "checkpoint": None}},
                 "generated_per_group": 4,
                 "vae": str(vae),
             }},
@@ -145,7 +146,9 @@ def test_imagenet_pixel_config_trains(config: str, tmp_path: Path, make_image_fo
             "trainer": trainer_overrides(tmp_path),
             "model": {"init_args": {
                 "generator": {"init_args": {"preset": "tiny", "in_channels": 3, "input_size": 32, "patch_size": 4}},
-                "encoder": {"init_args": {"width": 8, "input_size": 32, "checkpoint": None}},
+                # their ConvNeXt weights cannot be downloaded here: the pixel MAE alone, tiny and random
+                "encoder": {"class_path": "drifting_lightning.encoders.resnet_mae.ResNetMAE", "init_args": {
+                    "arch": {"in_channels": 3, "width": 8, "patchify": 8}, "checkpoint": None}},
                 "generated_per_group": 4,
             }},
             "data": {"init_args": {"root": str(images), "resolution": 32, "num_workers": 0, "steps_per_epoch": 2,
@@ -155,21 +158,34 @@ def test_imagenet_pixel_config_trains(config: str, tmp_path: Path, make_image_fo
     )  # fmt: skip
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 2
+    encoder = yaml.safe_load((run / "config.yaml").read_text())["model"]["init_args"]["encoder"]["init_args"]
+    assert encoder["arch"]["patchify"] == 8
 
 
-@pytest.mark.parametrize("config", ["mae/imagenet_latent.yaml", "mae/imagenet_latent_w640.yaml"])
-def test_latent_mae_configs_train_on_a_latent_cache(config: str, tmp_path: Path, make_tiny_vae, make_image_folder):
-    cache = tmp_path / "latents"
-    encode_latents(make_image_folder(tmp_path / "images"), str(make_tiny_vae(tmp_path / "vae")), cache, resolution=64,
-                   device="cpu", progress=False)  # fmt: skip
-    run = fit(
+@pytest.mark.parametrize("config", ["mae/imagenet_latent_256.yaml", "mae/imagenet_latent_640.yaml",
+                                    "mae/imagenet_pixel_640.yaml"])
+def test_mae_configs_train_on_images(config: str, tmp_path: Path, make_tiny_vae, make_image_folder):
+    """The MAE configs run on CPU with a tiny VAE (latent: encoded on the fly) and the classifier fine-tune."""
+    latent = "latent" in config
+    model: dict = {"arch": {"width": 8}, "log_images_every_n_steps": 1, "warmup_steps": 1,
+                   "finetune_last_steps": 1, "finetune_warmup": 1}
+    if latent:  # the VAE encodes the augmented pixels on the fly
+        model["vae"] = str(make_tiny_vae(tmp_path / "vae"))
+    checkpoints = tmp_path / "checkpoints"  # not the config's runs/mae/... folder
+    overrides = {**trainer_overrides(tmp_path), "devices": 1, "callbacks": [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"dirpath": str(checkpoints), "save_last": True}}]}
+    fit(
         config,
         {
-            "trainer": trainer_overrides(tmp_path),
-            "model": {"init_args": {"width": 8, "log_images_every_n_steps": 1}},
-            "data": {"init_args": {"root": str(cache), "resolution": None, "steps_per_epoch": 2, **TINY_GROUPS}},
+            "trainer": overrides,
+            "model": {"init_args": model},
+            "data": {"init_args": {"root": str(make_image_folder(tmp_path / "images")), "resolution": 64,
+                                   "num_workers": 0, "steps_per_epoch": 2, **TINY_SAMPLER_GROUPS}},
         },
         tmp_path,
     )
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert ckpt["global_step"] == 2 and ckpt["encoder_config"]["in_channels"] == 4
+    ckpt = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 2
+    assert ckpt["encoder_config"] == {"in_channels": 4 if latent else 3, "width": 8, "stages": [3, 4, 6, 3],
+                                      "patchify": 1 if latent else 8}

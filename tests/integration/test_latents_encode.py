@@ -18,7 +18,7 @@ import torch
 from drifting_lightning.commands.encode_latents import main
 from drifting_lightning.data import latent_shards as shards
 from drifting_lightning.data.latents import LatentDataModule
-from drifting_lightning.encoders.resnet_mae import ResNetMAE
+from drifting_lightning.encoders.resnet_mae import ResNetConfig, ResNetMAE
 from drifting_lightning.encoders.vae_bridge import VAEBridge
 from drifting_lightning.sampling.positives import ClassAwareSampler
 from tests.conftest import VAE_RES as RES
@@ -182,7 +182,7 @@ def test_latent_generator_trains_through_vae_bridge(latent_assets, tmp_path):
     dm = LatentDataModule(
         str(latent_assets["cache"]), positives=ClassAwareSampler(2, 3, 2), steps_per_epoch=2, resolution=RES
     )
-    pixel = ResNetMAE(in_channels=3, width=8, stages=(1, 1), input_size=RES, patchify=4)
+    pixel = ResNetMAE(ResNetConfig(3, 8, (1, 1, 1, 1), patchify=4))
     bridge = VAEBridge(str(latent_assets["vae"]), pixel)
     module = DriftingModule(DiT("tiny", input_size=16, num_classes=3), encoder=bridge, generated_per_group=3)
     zero = [p for p in module.generator.parameters() if not p.detach().any()]  # zero-initialised output layer

@@ -23,7 +23,7 @@ from drifting_lightning.checkpoints.reading import CheckpointError, read_checkpo
 from drifting_lightning.checkpoints.resume import resolve_ckpt_path
 from drifting_lightning.commands import evaluate, export, sample
 from drifting_lightning.data.image_sources import read_idx
-from drifting_lightning.encoders.resnet_mae import ResNetMAE
+from drifting_lightning.encoders.resnet_mae import ResNetConfig, ResNetMAE
 from drifting_lightning.export import export_generator, load_generator
 from drifting_lightning.metrics.classifier import SmallCNN, load_classifier, save_classifier
 from drifting_lightning.models.dit import DiT
@@ -36,6 +36,8 @@ MODEL = {"class_path": "drifting_lightning.module.DriftingModule",
                        "generated_per_group": 4}}  # fmt: skip
 FIT_CHECKPOINT = "a `drifting fit` checkpoint (runs/<name>/version_<k>/checkpoints/last.ckpt)"
 WEIGHTS_FILE = "a weights file (.safetensors, or a torch.save file: .pt/.pth/.ckpt/.bin)"
+
+TINY_ARCH = ResNetConfig(1, 8, (1, 1, 1, 1))
 
 
 @pytest.fixture
@@ -104,22 +106,22 @@ def test_damaged_tensor_bytes_are_refused_by_every_loader(run: Path, tmp_path: P
 
 
 def test_encoder_and_classifier_weights_are_verified(tmp_path: Path):
-    encoder = ResNetMAE(in_channels=1, width=8, stages=(1,), input_size=8)
-    torch.save(encoder.backbone.state_dict(), tmp_path / "encoder.pt")
-    ResNetMAE(in_channels=1, width=8, stages=(1,), input_size=8, checkpoint=str(tmp_path / "encoder.pt"))  # intact
+    encoder = ResNetMAE(TINY_ARCH)
+    torch.save(encoder.encoder.state_dict(), tmp_path / "encoder.pt")
+    ResNetMAE(TINY_ARCH, checkpoint=str(tmp_path / "encoder.pt"))  # intact
     legacy = tmp_path / "legacy.pth"  # torch < 1.6 wrote a plain pickle (no zip, so no CRC): still read
-    torch.save(encoder.backbone.state_dict(), legacy, _use_new_zipfile_serialization=False)
-    assert read_weights(legacy).keys() == encoder.backbone.state_dict().keys()
+    torch.save(encoder.encoder.state_dict(), legacy, _use_new_zipfile_serialization=False)
+    assert read_weights(legacy).keys() == encoder.encoder.state_dict().keys()
     member = damage_tensor_bytes(tmp_path / "encoder.pt")
     with pytest.raises(CheckpointError, match=f"encoder.pt is corrupted: its member {member} fails its CRC-32"):
-        ResNetMAE(in_channels=1, width=8, stages=(1,), input_size=8, checkpoint=str(tmp_path / "encoder.pt"))
+        ResNetMAE(TINY_ARCH, checkpoint=str(tmp_path / "encoder.pt"))
 
-    state = encoder.backbone.state_dict()
+    state = encoder.encoder.state_dict()
     name = next(k for k, v in state.items() if v.is_floating_point())
     state[name] = torch.full_like(state[name], float("inf"))
     save_file(state, str(tmp_path / "encoder.safetensors"))
     with pytest.raises(CheckpointError, match=rf"encoder.safetensors: tensor '{name}' has Inf; the file is damaged"):
-        ResNetMAE(in_channels=1, width=8, stages=(1,), input_size=8, checkpoint=str(tmp_path / "encoder.safetensors"))
+        ResNetMAE(TINY_ARCH, checkpoint=str(tmp_path / "encoder.safetensors"))
 
     net = SmallCNN(in_channels=1, num_classes=3, width=8, feature_dim=16)
     arch = {"in_channels": 1, "num_classes": 3, "width": 8, "feature_dim": 16}

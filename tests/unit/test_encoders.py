@@ -12,21 +12,12 @@ from torch import nn
 from drifting_lightning.encoders.base import FeatureEncoder, Identity
 from drifting_lightning.encoders.composite import CompositeEncoder
 from drifting_lightning.encoders.resnet50 import PretrainedResNet50
-from drifting_lightning.encoders.resnet_mae import ResNetMAE, stage_strides
+from drifting_lightning.encoders.resnet_mae import ResNetConfig, ResNetMAE, gn_groups, patchify, unpatchify
 from drifting_lightning.encoders.stats import input_statistic, multiscale_features, patch_fits
 
-TAPS = [
-    "stem",
-    "stage1.block2",
-    "stage1.block3",
-    "stage2.block2",
-    "stage2.block4",
-    "stage3.block2",
-    "stage3.block4",
-    "stage3.block6",
-    "stage4.block2",
-    "stage4.block3",
-]
+# The authors' taps for blocks 3-4-6-3 (get_activations with every_k_block = 2).
+TAPS = ["conv1", "layer1", "layer2", "layer3", "layer4", "layer1_blk2", "layer2_blk2", "layer2_blk4", "layer3_blk2",
+        "layer3_blk4", "layer3_blk6", "layer4_blk2"]
 
 
 def random_r50() -> PretrainedResNet50:
@@ -40,48 +31,35 @@ def test_multiscale_features_match_loops():
     eps = 1e-6
     fmap = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     out = multiscale_features(fmap, "f", eps=eps)
-    assert set(out) == {
-        "f.location",
-        "f.mean",
-        "f.std",
-        "f.patch2.mean",
-        "f.patch2.std",
-        "f.patch4.mean",
-        "f.patch4.std",
-    }
+    assert list(out) == ["f", "f_mean", "f_std", "f_mean_2", "f_mean_4", "f_std_2", "f_std_4"]
     for b in range(2):
         for c in range(3):
             for i in range(8):
                 for j in range(8):
-                    assert out["f.location"][b, i * 8 + j, c] == fmap[b, c, i, j]
+                    assert out["f"][b, i * 8 + j, c] == fmap[b, c, i, j]
             vals = fmap[b, c].flatten()
-            assert torch.isclose(out["f.mean"][b, 0, c], vals.mean())
-            assert torch.isclose(out["f.std"][b, 0, c], torch.sqrt(vals.var(unbiased=False) + eps))
+            assert torch.isclose(out["f_mean"][b, 0, c], vals.mean())
+            assert torch.isclose(out["f_std"][b, 0, c], torch.sqrt(vals.var(unbiased=False) + eps))
             for p in (2, 4):
                 g = 8 // p
                 for pi in range(g):
                     for pj in range(g):
                         patch = fmap[b, c, pi * p : (pi + 1) * p, pj * p : (pj + 1) * p].flatten()
                         k = pi * g + pj
-                        assert torch.isclose(out[f"f.patch{p}.mean"][b, k, c], patch.mean())
+                        assert torch.isclose(out[f"f_mean_{p}"][b, k, c], patch.mean())
                         assert torch.isclose(
-                            out[f"f.patch{p}.std"][b, k, c], torch.sqrt(patch.var(unbiased=False) + eps)
+                            out[f"f_std_{p}"][b, k, c], torch.sqrt(patch.var(unbiased=False) + eps)
                         )
 
 
 def test_patch_families_skipped_when_they_do_not_fit():
-    assert set(multiscale_features(torch.randn(1, 2, 6, 6), "m")) == {
-        "m.location",
-        "m.mean",
-        "m.std",
-        "m.patch2.mean",
-        "m.patch2.std",
-    }
-    assert "m.patch4.mean" not in multiscale_features(torch.randn(1, 2, 4, 4), "m")  # one patch = global
-    assert set(multiscale_features(torch.randn(1, 2, 7, 7), "m")) == {"m.location", "m.mean", "m.std"}
-    assert not patch_fits(2, 2, 2) and patch_fits(28, 28, 4) and not patch_fits(14, 14, 4)
+    assert set(multiscale_features(torch.randn(1, 2, 6, 6), "m")) == {"m", "m_mean", "m_std", "m_mean_2", "m_std_2"}
+    four = multiscale_features(torch.randn(1, 2, 4, 4), "m")  # the authors keep 4x4 on a 4x4 map
+    torch.testing.assert_close(four["m_mean_4"], four["m_mean"])
+    assert set(multiscale_features(torch.randn(1, 2, 7, 7), "m")) == {"m", "m_mean", "m_std"}
+    assert patch_fits(2, 2, 2) and patch_fits(28, 28, 4) and not patch_fits(14, 14, 4)
     only = multiscale_features(torch.randn(1, 2, 8, 8), "m", families=("global",))
-    assert set(only) == {"m.mean", "m.std"}
+    assert set(only) == {"m_mean", "m_std"}
     with pytest.raises(ValueError, match="unknown feature families"):
         multiscale_features(torch.randn(1, 2, 8, 8), "m", families=("patch3",))
 
@@ -104,80 +82,70 @@ def test_input_statistic_kinds():
         input_statistic(x, "mean")
 
 
-@pytest.mark.parametrize(
-    "channels,size,maps", [(1, 8, [8, 8, 4, 4, 4]), (1, 28, [28, 28, 14, 7, 7]), (4, 32, [32, 32, 16, 8, 4])]
-)
+@pytest.mark.parametrize("channels,size,maps", [(4, 32, [32, 32, 16, 8, 4]), (1, 28, [28, 28, 14, 7, 4])])
 def test_resnet_mae_names_and_shapes(channels, size, maps):
     width = 8
-    enc = ResNetMAE(in_channels=channels, width=width, input_size=size)
-    feats = enc(torch.randn(2, channels, size, size))
-    expected = {}
+    feats = ResNetMAE(ResNetConfig(channels, width, (3, 4, 6, 3)))(torch.randn(2, channels, size, size))
+    expected = {"global": (2, 1, channels * size * size), "norm_x": (2, 1, channels)}
     for tap in TAPS:
-        stage = 0 if tap == "stem" else int(tap[5])
+        stage = 0 if tap == "conv1" else int(tap[5])
         s, c = maps[stage], width * 2 ** max(stage - 1, 0)
-        expected[f"{tap}.location"] = (2, s * s, c)
-        expected[f"{tap}.mean"] = expected[f"{tap}.std"] = (2, 1, c)
+        expected[tap] = (2, s * s, c)
+        expected[f"{tap}_mean"] = expected[f"{tap}_std"] = (2, 1, c)
         for p in (2, 4):
             if patch_fits(s, s, p):
-                expected[f"{tap}.patch{p}.mean"] = expected[f"{tap}.patch{p}.std"] = (2, s * s // p**2, c)
-    expected["input.stat"] = (2, 1, channels)
-    expected["raw"] = (2, 1, channels * size * size)
+                expected[f"{tap}_mean_{p}"] = expected[f"{tap}_std_{p}"] = (2, s * s // p**2, c)
     assert {k: tuple(v.shape) for k, v in feats.items()} == expected
+    if size == 32:  # the authors' latent MAE: 86 feature sets
+        assert len(feats) == 86
 
 
-def test_stage_strides_rule():
-    assert stage_strides(32, 4) == [1, 2, 2, 2]
-    assert stage_strides(28, 4) == [1, 2, 2, 1]
-    assert stage_strides(8, 4) == [1, 2, 1, 1]
-    assert stage_strides(64, 4, min_map=8) == [1, 2, 2, 2]
+def test_group_norm_groups_and_arch_checks():
+    assert [gn_groups(c) for c in (640, 48, 24, 7, 1)] == [32, 24, 24, 7, 1]
+    enc = ResNetMAE(ResNetConfig(1, 24, (1, 1, 1, 1)))
+    assert enc.encoder.gn1.num_groups == 24 and enc.encoder.gn1.eps == 1e-6
+    assert enc.encoder.layer4_norm.num_groups == 32  # 192 channels
+    with pytest.raises(ValueError, match="4 positive block counts"):
+        ResNetConfig(stages=(1, 1))
+
+
+def test_patchify_orders_channels_h_w_c():
+    x = torch.randn(2, 3, 16, 16)
+    z = patchify(x, 8)
+    assert z.shape == (2, 192, 2, 2)
+    # channel (h2 * 8 + w2) * 3 + c of patch (i, j) is pixel (8i + h2, 8j + w2) of channel c
+    assert torch.equal(z[1, (5 * 8 + 2) * 3 + 1, 1, 0], x[1, 1, 8 + 5, 2])
+    assert torch.equal(unpatchify(z, 8, 3), x)
 
 
 def test_resnet_mae_patchify_and_options():
-    enc = ResNetMAE(
-        in_channels=3,
-        width=8,
-        stages=(1, 1),
-        input_size=32,
-        patchify=4,
-        families=("global",),
-        include_raw=False,
-        input_stat="mean_sq",
-    )
+    enc = ResNetMAE(ResNetConfig(3, 8, (1, 1, 1, 1), patchify=4), families=("global",), include_raw=False)
     feats = enc(torch.randn(2, 3, 32, 32))
-    assert set(feats) == {
-        "stem.mean",
-        "stem.std",
-        "stage1.block1.mean",
-        "stage1.block1.std",
-        "stage2.block1.mean",
-        "stage2.block1.std",
-        "input.stat",
-    }
-    assert feats["input.stat"].shape == (2, 1, 48)  # statistic of the 8x8x48 patchified input
-    with pytest.raises(ValueError, match="multiple of patchify"):
-        ResNetMAE(in_channels=3, width=8, input_size=30, patchify=4)
+    taps = ["conv1", "layer1", "layer2", "layer3", "layer4"]
+    assert list(feats) == ["norm_x"] + [f"{t}_{s}" for t in taps for s in ("mean", "std")]
+    assert feats["norm_x"].shape == (2, 1, 48)  # statistic of the 8x8x48 patchified input
 
 
 def test_resnet50_names_and_shapes():
     feats = random_r50()(torch.rand(2, 3, 64, 64) * 2 - 1)
     shapes = {k: tuple(v.shape) for k, v in feats.items()}
-    assert shapes["layer1.location"] == (2, 256, 256)
-    assert shapes["layer1.patch4.std"] == (2, 16, 256)
-    assert shapes["layer2.patch2.mean"] == (2, 16, 512)
-    assert shapes["layer3.location"] == (2, 16, 1024) and "layer3.patch4.mean" not in shapes
-    assert shapes["layer4.mean"] == (2, 1, 2048) and "layer4.patch2.mean" not in shapes  # 2x2 map
-    assert len(shapes) == 7 + 7 + 5 + 3
+    assert shapes["layer1"] == (2, 256, 256)
+    assert shapes["layer1_std_4"] == (2, 16, 256)
+    assert shapes["layer2_mean_2"] == (2, 16, 512)
+    assert shapes["layer3"] == (2, 16, 1024) and shapes["layer3_mean_4"] == (2, 1, 1024)
+    assert shapes["layer4_mean"] == (2, 1, 2048) and shapes["layer4_mean_2"] == (2, 1, 2048)  # 2x2 map
+    assert len(shapes) == 7 + 7 + 7 + 5
 
 
 @pytest.mark.parametrize(
     "make",
-    [lambda: ResNetMAE(in_channels=1, width=8, stages=(1, 2), input_size=8), random_r50],
+    [lambda: ResNetMAE(ResNetConfig(1, 8, (1, 2, 1, 1))), random_r50],
     ids=["resnet_mae", "resnet50"],
 )
 def test_frozen_encoder_passes_gradient_to_generator(make):
     torch.manual_seed(0)
     encoder: FeatureEncoder = make()
-    channels = encoder.backbone.stem[0].in_channels if isinstance(encoder, ResNetMAE) else 3
+    channels = encoder.arch.in_channels if isinstance(encoder, ResNetMAE) else 3
     size = 8 if isinstance(encoder, ResNetMAE) else 32
     shape = (channels, size, size)
     generator = nn.Sequential(nn.Linear(4, channels * size * size), nn.Tanh(), nn.Unflatten(1, shape))
@@ -199,26 +167,27 @@ def test_frozen_encoder_passes_gradient_to_generator(make):
 
 
 def test_resnet_mae_plain_state_dict_round_trip(tmp_path):
-    src = ResNetMAE(in_channels=1, width=8, stages=(1, 1), input_size=8)
-    torch.save(src.backbone.state_dict(), tmp_path / "w.pt")
+    arch = ResNetConfig(1, 8, (1, 1, 1, 1))
+    src = ResNetMAE(arch)
+    torch.save(src.encoder.state_dict(), tmp_path / "w.pt")
     torch.save(src.state_dict(), tmp_path / "prefixed.pt")
     from safetensors.torch import save_file
 
-    save_file(src.backbone.state_dict(), str(tmp_path / "w.safetensors"))
+    save_file(src.encoder.state_dict(), str(tmp_path / "w.safetensors"))
     for name in ("w.pt", "prefixed.pt", "w.safetensors"):
-        dst = ResNetMAE(in_channels=1, width=8, stages=(1, 1), input_size=8, checkpoint=str(tmp_path / name))
+        dst = ResNetMAE(arch, checkpoint=str(tmp_path / name))
         for k, v in src.state_dict().items():
             assert torch.equal(dst.state_dict()[k], v), (name, k)
-    with pytest.raises(RuntimeError, match=r"missing keys: .*stages\.1\.1\.|shape mismatches"):
-        ResNetMAE(in_channels=1, width=8, stages=(1, 2), input_size=8, checkpoint=str(tmp_path / "w.pt"))
-    with pytest.raises(RuntimeError, match="shape mismatches: stem.0.weight"):
-        ResNetMAE(in_channels=1, width=16, stages=(1, 1), input_size=8, checkpoint=str(tmp_path / "w.pt"))
+    with pytest.raises(RuntimeError, match=r"missing keys: stages\.1\.1\."):
+        ResNetMAE(ResNetConfig(1, 8, (1, 2, 1, 1)), checkpoint=str(tmp_path / "w.pt"))
+    with pytest.raises(RuntimeError, match="shape mismatches: conv1.weight"):
+        ResNetMAE(ResNetConfig(1, 16, (1, 1, 1, 1)), checkpoint=str(tmp_path / "w.pt"))
 
 
 def test_missing_checkpoint_file_is_named(tmp_path):
     missing = str(tmp_path / "nowhere.ckpt")
     with pytest.raises(FileNotFoundError, match="nowhere.ckpt"):
-        ResNetMAE(in_channels=1, width=8, stages=(1,), input_size=8, checkpoint=missing)
+        ResNetMAE(checkpoint=missing)
     with pytest.raises(FileNotFoundError, match="nowhere.ckpt"):
         PretrainedResNet50(checkpoint=missing)
 
@@ -278,7 +247,7 @@ def test_composite_naming_and_clash():
         CompositeEncoder([Identity(), Identity()])(x)
     with pytest.raises(ValueError, match="prefixes"):
         CompositeEncoder([Identity(), Identity()], prefixes=["a"])
-    inner = CompositeEncoder([ResNetMAE(in_channels=1, width=8, stages=(1,), input_size=8), Identity("pix")])
+    inner = CompositeEncoder([ResNetMAE(ResNetConfig(1, 8, (1, 1, 1, 1))), Identity("pix")])
     inner.train()
     assert not any(m.training for m in inner.modules())
-    assert "stem.location" in inner(torch.randn(2, 1, 8, 8))
+    assert "conv1" in inner(torch.randn(2, 1, 8, 8))

@@ -1,4 +1,4 @@
-"""MAE pretraining: masking, masked-only loss, optimisation, and the checkpoint that ResNetMAE loads."""
+"""MAE pretraining with the authors' recipe: masking, their per-sample loss, optimiser, fine-tune ramp, checkpoints."""
 
 from __future__ import annotations
 
@@ -8,68 +8,75 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, Dataset
 
-from drifting_lightning.encoders.mae import (
-    MAEPretraining,
-    random_patch_mask,
-    random_resized_crop,
-    reconstruction_loss,
-)
-from drifting_lightning.encoders.resnet_mae import ResNetMAE
+from drifting_lightning.encoders.mae import MAEPretraining, random_flip, random_resized_crop
+from drifting_lightning.encoders.mae_model import MAEModel, patch_mask
+from drifting_lightning.encoders.resnet_mae import ResNetConfig, ResNetMAE
 
-TINY = {"in_channels": 1, "width": 8, "stages": (1, 1), "input_size": 8}
+TINY = ResNetConfig(in_channels=1, width=8, stages=(1, 1, 1, 1))
 
 
 def test_mask_fraction_and_patches():
     g = torch.Generator().manual_seed(0)
-    keep = random_patch_mask((64, 3, 32, 32), patch=2, ratio=0.5, generator=g)
-    assert keep.shape == (64, 1, 32, 32)
-    assert abs((1 - keep).mean().item() - 0.5) < 0.02
-    blocks = keep.view(64, 1, 16, 2, 16, 2)
+    mask = patch_mask((64, 32, 32), patch=2, ratio=0.5, generator=g)
+    assert mask.shape == (64, 1, 32, 32)
+    assert abs(mask.mean().item() - 0.5) < 0.02
+    blocks = mask.view(64, 1, 16, 2, 16, 2)
     assert torch.equal(blocks.amin((3, 5)), blocks.amax((3, 5)))  # constant on each 2x2 patch
-    odd = random_patch_mask((4, 1, 7, 7), patch=2, ratio=0.5, generator=g)
-    assert odd.shape == (4, 1, 7, 7)
+    with pytest.raises(ValueError, match="not tiled"):
+        patch_mask((4, 7, 7), patch=2, ratio=0.5)
 
 
-def test_loss_only_on_masked_region():
-    g = torch.Generator().manual_seed(1)
-    pred, target = torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 3, 8, 8, generator=g)
-    keep = random_patch_mask(target.shape, generator=g)
-    base = reconstruction_loss(pred, target, keep)
-    visible_changed = target + 5.0 * keep
-    assert torch.equal(reconstruction_loss(pred, visible_changed, keep), base)
-    masked_changed = target + 5.0 * (1 - keep)
-    assert not torch.isclose(reconstruction_loss(pred, masked_changed, keep), base)
-    expected = ((pred - target) ** 2 * (1 - keep)).sum() / ((1 - keep).sum() * 3)
-    torch.testing.assert_close(base, expected)
+def test_loss_is_their_per_sample_masked_error():
+    torch.manual_seed(1)
+    model = MAEModel(ResNetConfig(3, 8, (1, 1, 1, 1), patchify=4), num_classes=5)
+    x, labels = torch.randn(2, 3, 16, 16), torch.tensor([1, 4])
+    mask = patch_mask((2, 4, 4), 2, 0.5, generator=torch.Generator().manual_seed(0))
+    out = model(x, labels, mask, lambda_cls=0.25)
+    target = torch.nn.functional.pixel_unshuffle(x, 4)  # channel order does not matter for the summed error
+    sq = (out["recon"] - target.view(2, 3, 16, 4, 4).transpose(1, 2).reshape(2, 48, 4, 4)).square()
+    expected = (sq * mask).sum((1, 2, 3)) / mask.sum((1, 2, 3))  # summed over channels, mean over masked places
+    torch.testing.assert_close(out["recon_loss"], expected)
+    torch.testing.assert_close(out["loss"], 0.25 * out["cls_loss"] + 0.75 * out["recon_loss"])
+    # changing the masked pixels changes the target there, so the loss (the encoder never sees them)
+    changed = x + 5.0 * torch.nn.functional.interpolate(1 - mask, scale_factor=4)
+    assert not torch.allclose(model(changed, labels, mask)["recon_loss"], out["recon_loss"])
 
 
-def test_mae_step_masks_the_encoder_input():
-    module = MAEPretraining(**TINY)
-    out = module.mae_step(torch.randn(4, 1, 8, 8), augment=False, generator=torch.Generator().manual_seed(0))
-    zero = out["masked"] == 0
-    assert 0.2 < zero.float().mean() < 0.8
-    assert torch.equal(out["masked"][~zero], out["target"][~zero])
-    assert out["pred"].shape == out["target"].shape == (4, 1, 8, 8)
-
-
-def test_random_resized_crop():
+def test_random_resized_crop_and_flip():
     x = torch.randn(3, 2, 16, 16)
     assert random_resized_crop(x, (1.0, 1.0)) is x
     g = torch.Generator().manual_seed(0)
-    y = random_resized_crop(x, (0.3, 0.6), generator=g)
+    y = random_resized_crop(x, (0.2, 0.6), generator=g)
     assert y.shape == x.shape and not torch.allclose(y, x)
     const = torch.full((2, 1, 8, 8), 0.25)
     torch.testing.assert_close(random_resized_crop(const, (0.2, 1.0)), const)
+    flipped = random_flip(x, torch.Generator().manual_seed(3))
+    assert all(torch.equal(f, a) or torch.equal(f, a.flip(-1)) for f, a in zip(flipped, x))
+
+
+def test_optimiser_is_their_adamw_on_every_parameter():
+    module = MAEPretraining(TINY, num_classes=3, warmup_steps=4)
+    cfg = module.configure_optimizers()
+    opt, sched = cfg["optimizer"], cfg["lr_scheduler"]["scheduler"]
+    (group,) = opt.param_groups
+    assert group["weight_decay"] == 0.01 and group["betas"] == (0.9, 0.95) and group["lr"] == pytest.approx(1e-3)
+    assert len(group["params"]) == len(list(module.model.parameters()))  # norms and biases decay too
+    lrs = []
+    for _ in range(6):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([1e-3, 2e-3, 3e-3, 4e-3, 4e-3, 4e-3])  # warm-up, then constant
 
 
 def test_optimisation_decreases_loss():
     torch.manual_seed(0)
-    module = MAEPretraining(**TINY, lr=1e-2)
+    module = MAEPretraining(TINY, num_classes=2, lr=1e-2, warmup_steps=0)
     opt = module.configure_optimizers()
-    images = torch.randn(16, 1, 8, 8).cumsum(-1).clamp(-2, 2) / 2  # smooth rows: predictable from neighbours
+    images = torch.randn(16, 1, 16, 16).cumsum(-1).clamp(-2, 2) / 2  # smooth rows: predictable from neighbours
     losses = []
     for _ in range(15):
-        out = module.mae_step(images, augment=False, generator=torch.Generator().manual_seed(0))
+        out = module.mae_step(images, None, 0, augment=False, generator=torch.Generator().manual_seed(0))
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
@@ -77,16 +84,17 @@ def test_optimisation_decreases_loss():
     assert losses[-1] < 0.6 * losses[0], losses
 
 
-def test_batch_flattening_and_classifier_ramp():
+def test_batch_flattening_and_finetune_ramp():
     pos = torch.randn(3, 4, 1, 8, 8)
     images, labels = MAEPretraining.images_and_labels({"positives": pos, "labels": torch.tensor([5, 0, 2])})
     assert images.shape == (12, 1, 8, 8) and torch.equal(images[4], pos[1, 0])
     assert labels.tolist() == [5] * 4 + [0] * 4 + [2] * 4
-    module = MAEPretraining(**TINY, classifier_weight=0.1, classifier_ramp_steps=10, num_classes=6)
-    assert [module.classifier_lambda(s) for s in (0, 5, 10, 20)] == pytest.approx([0.0, 0.05, 0.1, 0.1])
-    assert MAEPretraining(**TINY).classifier_lambda(5) == 0.0
+    module = MAEPretraining(TINY, num_classes=6, total_steps=100, finetune_last_steps=30, finetune_warmup=10)
+    lams = [module.classifier_lambda(s) for s in (0, 69, 70, 75, 80, 99)]
+    assert lams == pytest.approx([0.0, 0.0, 0.0, 0.05, 0.1, 0.1])
+    assert MAEPretraining(TINY, num_classes=6).classifier_lambda(5) == 0.0
     with pytest.raises(ValueError, match="num_classes"):
-        MAEPretraining(**TINY, classifier_weight=0.1)
+        MAEPretraining(TINY, num_classes=1, finetune_last_steps=3)
 
 
 class _GroupedBatches(Dataset):
@@ -102,9 +110,10 @@ class _GroupedBatches(Dataset):
 
 def test_lightning_checkpoint_loads_into_resnet_mae(tmp_path):
     torch.manual_seed(0)
-    module = MAEPretraining(**TINY, classifier_weight=0.1, num_classes=3, log_images_every_n_steps=1, ema_decay=0.5)
+    module = MAEPretraining(TINY, num_classes=3, finetune_last_steps=2, finetune_warmup=1, log_images_every_n_steps=1,
+                            ema_decay=0.5)
     trainer = Trainer(
-        max_steps=2,
+        max_steps=3,
         accelerator="cpu",
         logger=TensorBoardLogger(str(tmp_path), name="mae"),
         enable_checkpointing=False,
@@ -112,27 +121,23 @@ def test_lightning_checkpoint_loads_into_resnet_mae(tmp_path):
         enable_model_summary=False,
     )
     trainer.fit(module, DataLoader(_GroupedBatches(), batch_size=None))
-    assert {"mae/loss", "mae/recon", "mae/ce"} <= set(trainer.callback_metrics)
-    log_dir = trainer.log_dir
-    assert sorted(p.name for p in (tmp_path / "mae" / "version_0" / "mae_images").iterdir()) == [
-        "step_0000000.png",
-        "step_0000001.png",
-    ]
-    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "mae" / "version_0").iterdir()), log_dir
+    assert {"mae/loss", "mae/recon", "mae/ce"} <= set(trainer.callback_metrics)  # step 2: lambda 0.1
+    images = sorted(p.name for p in (tmp_path / "mae" / "version_0" / "mae_images").iterdir())
+    assert images == ["step_0000000.png", "step_0000001.png", "step_0000002.png"]
     ckpt = tmp_path / "mae.ckpt"
     trainer.save_checkpoint(ckpt)
 
-    encoder = ResNetMAE(**TINY, checkpoint=str(ckpt))
-    ema, online = module.ema_encoder.state_dict(), module.encoder.state_dict()
+    encoder = ResNetMAE(checkpoint=str(ckpt))  # the architecture comes with the checkpoint
+    assert encoder.arch == TINY
+    ema, online = module.ema_encoder.state_dict(), module.model.encoder.state_dict()
     assert any(not torch.equal(ema[k], online[k]) for k in ema)  # the EMA lags the online weights
-    for k, v in encoder.backbone.state_dict().items():
+    for k, v in encoder.encoder.state_dict().items():
         assert torch.equal(v, ema[k]), k
-    with pytest.raises(RuntimeError, match=r"trained with \{'width': 8\}"):
-        ResNetMAE(**{**TINY, "width": 16}, checkpoint=str(ckpt))
-    with pytest.warns(UserWarning, match=r"trained with \{'input_size': 8\}"):
-        ResNetMAE(**{**TINY, "input_size": 16}, checkpoint=str(ckpt))
+    with pytest.raises(RuntimeError, match=r"holds an encoder with arch .*'width': 8"):
+        ResNetMAE(ResNetConfig(1, 16, (1, 1, 1, 1)), checkpoint=str(ckpt))
 
-    module.export_encoder(tmp_path / "encoder.safetensors")
-    exported = ResNetMAE(**TINY, checkpoint=str(tmp_path / "encoder.safetensors"))
-    for k, v in exported.backbone.state_dict().items():
+    module.export_encoder(tmp_path / "encoder.pt")
+    exported = ResNetMAE(checkpoint=str(tmp_path / "encoder.pt"))
+    assert exported.arch == TINY
+    for k, v in exported.encoder.state_dict().items():
         assert torch.equal(v, ema[k]), k

@@ -15,7 +15,7 @@ from drifting_lightning.commands.encode_latents import main
 from drifting_lightning.data import latent_shards as shards
 from drifting_lightning.data.image_sources import center_crop_arr
 from drifting_lightning.data.latents import LatentDataModule, encode_latents
-from drifting_lightning.encoders.resnet_mae import ResNetMAE
+from drifting_lightning.encoders.resnet_mae import ResNetConfig, ResNetMAE
 from drifting_lightning.encoders.vae_bridge import VAEBridge
 from drifting_lightning.models.vae import VAECodec, load_vae, resolve_vae_dir, shared_codec, vae_fingerprint
 from drifting_lightning.sampling.positives import ClassAwareSampler
@@ -84,7 +84,7 @@ def test_codec_posterior_and_decode(latent_assets):
 
 
 def test_vae_bridge_passes_gradients_to_latents(latent_assets):
-    pixel = ResNetMAE(in_channels=3, width=8, stages=(1, 1), input_size=RES, patchify=4)
+    pixel = ResNetMAE(ResNetConfig(3, 8, (1, 1, 1, 1), patchify=4))
     bridge = VAEBridge(str(latent_assets["vae"]), pixel)
     assert not any(p.requires_grad for p in bridge.parameters()) and bridge.codec.vae.encoder is None
     z = torch.randn(3, 4, RES // 2, RES // 2, requires_grad=True)
