@@ -124,6 +124,10 @@ class PositiveSource:
                 self.positives_per_class,
                 ", ".join(f"{name(c)}: {counts[c]} items" for c in self.small_classes),
             )
+        self._after_setup()
+
+    def _after_setup(self) -> None:
+        """What a subclass prepares once the dataset is indexed by class (nothing here)."""
 
     @property
     def num_items(self) -> int:
@@ -273,17 +277,8 @@ class ClassQueue(PositiveSource):
         self.unc_pos = 0
         self._pass: tuple[int, np.ndarray] | None = None  # cache: (pass number, its permutation)
 
-    def setup(
-        self,
-        labels: Sequence[int] | np.ndarray | Tensor,
-        num_classes: int | None = None,
-        rank: int = 0,
-        world_size: int = 1,
-        class_names: Sequence[str] | None = None,
-    ) -> None:
-        """Index the dataset by class (see ``PositiveSource.setup``) and fill every queue with random items of its
-        class (the same on every rank)."""
-        super().setup(labels, num_classes, rank, world_size, class_names)
+    def _after_setup(self) -> None:
+        # Every queue starts full of random items of its class (the same on every rank).
         self._pass = None
         rng = self.rng(_QUEUE_FILL, 0, shared=True)
         self.queues = np.zeros((self.num_classes, self.queue_size), dtype=np.int64)
