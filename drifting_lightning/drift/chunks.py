@@ -134,20 +134,21 @@ def spans(g: int, loc: int, rows: int) -> list[tuple[slice, slice]]:
 def _targets(parts: list[Tensor], groups: slice, locs: slice, n: int) -> Tensor:
     """Centred float32 targets [rows, T, C] of one chunk: cat(gen, neg, pos) along samples, row = (group, location).
 
-    The layout change [G, K, L, C] -> rows happens here, per chunk, in the one copy that also converts to float32.
+    The layout change [G, K, L, C] -> rows happens here, per chunk, in the one pass that also converts to float32
+    and centres.
     Centring on the generated mean changes neither distances nor V (both translation invariant) but keeps
     ||x||^2 + ||y||^2 - 2 x.y from cancelling away the digits of features with a large common offset.
     """
     gs, ls = groups.stop - groups.start, locs.stop - locs.start
     t, c = sum(p.shape[1] for p in parts), parts[0].shape[-1]
     y = torch.empty(gs, ls, t, c, dtype=torch.float32, device=parts[0].device)
+    centre = parts[0][groups, :, locs].mean(1, dtype=torch.float32).unsqueeze(2)  # [gs, ls, 1, C]
     start = 0
     for part in parts:
         k = part.shape[1]
-        y[:, :, start : start + k].copy_(part[groups, :, locs].transpose(1, 2))
+        torch.sub(part[groups, :, locs].transpose(1, 2), centre, out=y[:, :, start : start + k])
         start += k
-    y = y.view(gs * ls, t, c)
-    return y.sub_(y[:, :n].mean(1, keepdim=True))
+    return y.view(gs * ls, t, c)
 
 
 def _distances(y: Tensor, n: int) -> Tensor:
