@@ -14,8 +14,9 @@ force buffer the size of the generated features (it becomes the gradient in plac
 outlive a chunk, to save recomputation:
 - every chunk's targets and distances (pass 1 to pass 2), when all R rows' distances fit in one bound
   (R N T <= max_chunk_elements, or no bound): then the whole feature is no larger than one chunk would be;
-- every temperature's field V (pass 2 to the force), when they fit in one bound (len(taus) R N C <=
-  max_chunk_elements, or no bound): at most max_chunk_elements more float32 values, and no third pass.
+- every temperature's field V (pass 2 to the force), or its coefficients W when T < C (the smaller), when they
+  fit in one bound (len(taus) R N min(T, C) <= max_chunk_elements, or no bound): at most max_chunk_elements more
+  float32 values, and no third pass. Kept W also imply kept targets (R N T <= the bound).
 Without a bound, chunks on the CPU hold ``CACHE_ELEMENTS`` (the matrix passes then stay near the cache); on a GPU
 one chunk holds every row (fewer, larger kernels).
 """
@@ -80,7 +81,8 @@ class RowWalk:
             per_chunk = min(per_chunk, max(1, bound // (n * t)))
         self.spans = spans(g, loc, per_chunk)
         self.keep_inputs = bound is None or self.rows * n * t <= bound
-        self.keep_fields = bound is None or n_fields * self.rows * n * c <= bound
+        self.keep_coefficients = t < c
+        self.keep_fields = bound is None or n_fields * self.rows * n * min(t, c) <= bound
         self._kept: list[Chunk] | None = None
 
     def chunks(self, data: bool = True) -> Iterator[Chunk]:
