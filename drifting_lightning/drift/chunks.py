@@ -14,8 +14,9 @@ force buffer the size of the generated features (it becomes the gradient in plac
 outlive a chunk, to save recomputation:
 - every chunk's targets and distances (pass 1 to pass 2), when all R rows' distances fit in one bound
   (R N T <= max_chunk_elements, or no bound): then the whole feature is no larger than one chunk would be;
-- every temperature's field V (pass 2 to the force), when they fit in one bound (len(taus) R N C <=
-  max_chunk_elements, or no bound): at most max_chunk_elements more float32 values, and no third pass.
+- every temperature's field V (pass 2 to the force), or its coefficients W when T < C (the smaller), when they
+  fit in one bound (len(taus) R N min(T, C) <= max_chunk_elements, or no bound): at most max_chunk_elements more
+  float32 values, and no third pass. Kept W also imply kept targets (R N T <= the bound).
 Without a bound, chunks on the CPU hold ``CACHE_ELEMENTS`` (the matrix passes then stay near the cache); on a GPU
 one chunk holds every row (fewer, larger kernels).
 """
@@ -80,7 +81,8 @@ class RowWalk:
             per_chunk = min(per_chunk, max(1, bound // (n * t)))
         self.spans = spans(g, loc, per_chunk)
         self.keep_inputs = bound is None or self.rows * n * t <= bound
-        self.keep_fields = bound is None or n_fields * self.rows * n * c <= bound
+        self.keep_coefficients = t < c
+        self.keep_fields = bound is None or n_fields * self.rows * n * min(t, c) <= bound
         self._kept: list[Chunk] | None = None
 
     def chunks(self, data: bool = True) -> Iterator[Chunk]:
@@ -134,20 +136,21 @@ def spans(g: int, loc: int, rows: int) -> list[tuple[slice, slice]]:
 def _targets(parts: list[Tensor], groups: slice, locs: slice, n: int) -> Tensor:
     """Centred float32 targets [rows, T, C] of one chunk: cat(gen, neg, pos) along samples, row = (group, location).
 
-    The layout change [G, K, L, C] -> rows happens here, per chunk, in the one copy that also converts to float32.
+    The layout change [G, K, L, C] -> rows happens here, per chunk, in the one pass that also converts to float32
+    and centres.
     Centring on the generated mean changes neither distances nor V (both translation invariant) but keeps
     ||x||^2 + ||y||^2 - 2 x.y from cancelling away the digits of features with a large common offset.
     """
     gs, ls = groups.stop - groups.start, locs.stop - locs.start
     t, c = sum(p.shape[1] for p in parts), parts[0].shape[-1]
     y = torch.empty(gs, ls, t, c, dtype=torch.float32, device=parts[0].device)
+    centre = parts[0][groups, :, locs].mean(1, dtype=torch.float32).unsqueeze(2)  # [gs, ls, 1, C]
     start = 0
     for part in parts:
         k = part.shape[1]
-        y[:, :, start : start + k].copy_(part[groups, :, locs].transpose(1, 2))
+        torch.sub(part[groups, :, locs].transpose(1, 2), centre, out=y[:, :, start : start + k])
         start += k
-    y = y.view(gs * ls, t, c)
-    return y.sub_(y[:, :n].mean(1, keepdim=True))
+    return y.view(gs * ls, t, c)
 
 
 def _distances(y: Tensor, n: int) -> Tensor:

@@ -240,18 +240,19 @@ class DriftingLoss(nn.Module):
             yield self.field.coefficients(logits, walk.n_neg, ch.weights)
 
     def _fields(self, walk: RowWalk, st: _Statistics) -> list[list[Tensor]] | None:
-        """Pass 2: every temperature's V per chunk, its sum of squares into ``st.raw_sq``; the fields themselves are
-        kept for the force when ``walk.keep_fields`` (else None, and the force pass recomputes them)."""
+        """Pass 2: every temperature's V per chunk, its sum of squares into ``st.raw_sq``; kept for the force when
+        ``walk.keep_fields`` (else None, and the force pass recomputes them): the fields themselves, or their
+        coefficients W (folded by ``_field``) when ``walk.keep_coefficients`` (T < C: W [rows, N, T] is the smaller,
+        and the force then needs one product of their weighted sum instead of a pass over every V)."""
         kept: list[list[Tensor]] = []
         for ch in walk.chunks():
             fields = []
             for k, coef in enumerate(self._coefficients(walk, ch, st)):
                 v = _field(coef, ch.targets, walk.n)
-                del coef  # before the next temperature's logits exist
                 st.raw_sq[k].index_add_(0, ch.stat_ids, _sq_norms(v))
                 if walk.keep_fields:
-                    fields.append(v)
-                del v
+                    fields.append(coef if walk.keep_coefficients else v)
+                del coef, v  # before the next temperature's logits exist
             kept.append(fields)
         return kept if walk.keep_fields else None
 
@@ -260,12 +261,14 @@ class DriftingLoss(nn.Module):
     ) -> Tensor:
         """F = sum_tau V_tau / (s_in lambda_tau) into ``force`` (gen's shape; None: value only); returns sum F^2.
 
-        From the kept fields, or in one more pass: V is linear in W, so F = (sum_tau W_tau factor_tau) @ Y -
-        rowsum(...) x, one product per chunk. That pass also sums each V_tau^2 when pass 2 did not run."""
+        From the kept fields, from the kept coefficients or in one more pass: V is linear in W, so
+        F = (sum_tau W_tau factor_tau) @ Y - rowsum(...) x, one product per chunk. That pass also sums each V_tau^2
+        when pass 2 did not run."""
         f_sq = torch.zeros((), device=walk.parts[0].device)
         force_loc = None if force is None else _locations(force)
-        for i, ch in enumerate(walk.chunks(data=fields is None)):
-            if fields is not None:
+        from_coefficients = fields is None or walk.keep_coefficients
+        for i, ch in enumerate(walk.chunks(data=from_coefficients)):
+            if not from_coefficients:
                 vs = fields[i]
                 f_c = vs[0].mul_(_per_row(factor[0], ch))
                 for k in range(1, len(vs)):
@@ -273,14 +276,17 @@ class DriftingLoss(nn.Module):
                 vs.clear()
             else:
                 w_sum = None
-                for k, coef in enumerate(self._coefficients(walk, ch, st)):
-                    if not self.drift_normalization:  # the statistics still need each temperature's own V
+                coefs = self._coefficients(walk, ch, st) if fields is None else fields[i]
+                for k, coef in enumerate(coefs):
+                    if fields is None and not self.drift_normalization:  # the statistics need each V_tau
                         # _field folds -rowsum(W) into W's diagonal, which leaves W's rows summing to 0: the folded
                         # W still sums into the same force, so no copy of it is needed
                         st.raw_sq[k].index_add_(0, ch.stat_ids, _sq_norms(_field(coef, ch.targets, walk.n)))
                     f_rows = _per_row(factor[k], ch)
                     w_sum = coef.mul_(f_rows) if w_sum is None else w_sum.addcmul_(coef, f_rows)
                     del coef
+                if fields is not None:
+                    fields[i].clear()
                 f_c = _field(w_sum, ch.targets, walk.n)
                 del w_sum
             f_sq += _sq_norms(f_c).sum()
