@@ -2,11 +2,12 @@
 
 Writes into ``out``:
 - ``mae_latent/``, ``mae_pixel/``: tiny random ``MAEResNetJAX`` artifacts in their format (parameters stored as
-  bfloat16 to keep the files small; both sides compute in float32 from the same rounded values);
+  bfloat16 to keep the files small; both sides compute in float32 from the same rounded values). ``mae_pixel`` keeps
+  only the encoder (their decoder at its smallest width would double the fixtures; the latent MAE tests the loss);
 - ``mae_latent.npz``, ``mae_pixel.npz``: a fixed input ``x`` (NHWC), every feature set of their
   ``build_activation_function`` (``global`` + ``get_activations``) as ``feat/<name>``, and their ``__call__`` on a
-  fixed batch: ``labels``, the ``mask`` their masking rng drew (NHWC, 1 = masked), ``lambda_cls`` and the per-sample
-  ``loss``, ``recon_loss``, ``cls_loss``;
+  fixed batch (``mae_latent`` only): ``labels``, the ``mask`` their masking rng drew (NHWC, 1 = masked),
+  ``lambda_cls`` and the per-sample ``loss``, ``recon_loss``, ``cls_loss``;
 - ``convnext/``: a tiny random ConvNeXt-V2 as a transformers folder (``config.json`` + ``model.safetensors``,
   ``ConvNextV2ForImageClassification`` names), and ``convnext.npz``: input ``x`` (NHWC, [-1, 1]) and the features of
   their ``ConvNextV2.get_activations`` after their pixel pre-processing, with those weights converted by their
@@ -25,8 +26,10 @@ import numpy as np
 
 MAE_VARIANTS = {
     # width 32 is the smallest their decoder allows (its concat GroupNorm has 32 groups, 3 * width channels).
-    "mae_latent": {"in_channels": 4, "base_channels": 32, "layers": [1, 4, 2, 1], "input_patch_size": 1, "size": 16},
-    "mae_pixel": {"in_channels": 3, "base_channels": 32, "layers": [2, 2, 1, 1], "input_patch_size": 8, "size": 128},
+    "mae_latent": {"in_channels": 4, "base_channels": 32, "layers": [1, 4, 2, 1], "input_patch_size": 1, "size": 16,
+                   "whole": True},
+    "mae_pixel": {"in_channels": 3, "base_channels": 32, "layers": [2, 2, 1, 1], "input_patch_size": 8, "size": 128,
+                  "whole": False},
 }
 CONVNEXT = {"depths": [1, 1, 2, 1], "hidden_sizes": [8, 16, 32, 64], "num_labels": 10}
 NUM_CLASSES = 10
@@ -49,7 +52,7 @@ def _as_f32(tree):
 def _write_mae(out: Path, name: str, spec: dict) -> None:
     import jax
     import jax.numpy as jnp
-    from models.mae_model import MAEResNetJAX, make_patch_mask, patch_input
+    from models.mae_model import MAEResNetJAX
     from official_fixtures import write_artifact
 
     config = {k: spec[k] for k in ("in_channels", "base_channels", "layers", "input_patch_size")}
@@ -62,13 +65,26 @@ def _write_mae(out: Path, name: str, spec: dict) -> None:
     variables = model.init({"params": jax.random.PRNGKey(1), "masking": jax.random.PRNGKey(2)}, x, labels,
                            train=False)
     stored = _bf16_round(variables["params"])
-    write_artifact(out / name, stored, "mae", config)
+    write_artifact(out / name, stored if spec["whole"] else {"encoder": stored["encoder"]}, "mae", config)
     params = _as_f32(stored)
 
     # Their activation function (build_activation_function) prepends the raw input as "global".
     feats = model.apply({"params": params}, x, method=model.get_activations, patch_mean_size=[2, 4],
                         patch_std_size=[2, 4], use_std=True, use_mean=True, every_k_block=2)
     feats = {"global": x.reshape(x.shape[0], 1, -1), **feats}
+
+    arrays = {"x": x}
+    if spec["whole"]:
+        arrays.update(_their_loss(model, params, x, labels))
+    arrays.update({f"feat/{k}": v for k, v in feats.items()})
+    np.savez_compressed(out / f"{name}.npz", **{k: np.asarray(v) for k, v in arrays.items()},
+                        names=np.array(list(feats)))
+
+
+def _their_loss(model, params, x, labels) -> dict:
+    """Their ``__call__`` (the MAE loss) on ``x`` with the mask their masking rng draws."""
+    import jax
+    from models.mae_model import make_patch_mask, patch_input
 
     masking = jax.random.PRNGKey(5)
     lambda_cls = 0.3
@@ -82,11 +98,8 @@ def _write_mae(out: Path, name: str, spec: dict) -> None:
         return make_patch_mask(xp, mask_rng, ratio, module.patch_size)
 
     mask = model.apply({"params": params}, x, rngs={"masking": masking}, method=drawn_mask)
-    arrays = {"x": x, "labels": labels, "mask": mask, "lambda_cls": np.float32(lambda_cls), "loss": loss,
-              "recon_loss": metrics["recon_loss"], "cls_loss": metrics["cls_loss"]}
-    arrays.update({f"feat/{k}": v for k, v in feats.items()})
-    np.savez_compressed(out / f"{name}.npz", **{k: np.asarray(v) for k, v in arrays.items()},
-                        names=np.array(list(feats)))
+    return {"labels": labels, "mask": mask, "lambda_cls": np.float32(lambda_cls), "loss": loss,
+            "recon_loss": metrics["recon_loss"], "cls_loss": metrics["cls_loss"]}
 
 
 def _hf_convnext_state(rng: np.random.Generator) -> dict[str, np.ndarray]:
