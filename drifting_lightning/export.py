@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_model
 from torch import nn
 
 from drifting_lightning.checkpoints.loading import class_path, find_run_config, read_run_config
@@ -163,6 +163,33 @@ def load_generator(path: PathLike, device: str | torch.device = "cpu") -> Genera
     Needs neither Lightning nor the CLI: imports the class from config.json, builds it and loads the weights
     strictly. ``g.draw_inputs(n, device, generator)`` then ``g(**inputs, labels=..., alpha=...)`` samples.
     """
+    cfg_file, cfg, weights = _verified_export(path)
+    gen = import_class(cfg["class_path"])(**cfg["init_args"])
+    load_model(gen, str(weights), strict=True)
+    check_finite(gen.state_dict(), weights)
+    if list(gen.sample_shape) != list(cfg["sample_shape"]):
+        raise ValueError(
+            f"{cfg_file}: the rebuilt generator makes {gen.sample_shape}, config says {cfg['sample_shape']}"
+        )
+    return gen.to(device).eval().requires_grad_(False)
+
+
+def load_generator_weights(generator: nn.Module, path: PathLike) -> None:
+    """Copy the weights of an export folder into ``generator`` (same architecture), e.g. to start a run from them;
+    the folder is verified as ``load_generator`` does."""
+    _, cfg, weights = _verified_export(path)
+    source = load_file(str(weights))
+    check_finite(source, weights)
+    mismatch = describe_mismatch(generator.state_dict(), source, theirs=f"export {path}", ours="this generator")
+    if mismatch:
+        raise ValueError(f"init_from {path}: its weights do not fit this generator ({mismatch}); build it with "
+                         f"{cfg.get('class_path')} and {cfg.get('init_args')}")  # fmt: skip
+    generator.load_state_dict(source, strict=True)
+
+
+def _verified_export(path: PathLike) -> tuple[Path, dict[str, Any], Path]:
+    """(config.json path, its content, weights path) of an export folder (or its config.json), with the weights'
+    sha256 checked against the one recorded at export."""
     path = Path(path)
     folder = path.parent if path.name == CONFIG_FILE else path
     cfg_file = folder / CONFIG_FILE
@@ -181,26 +208,7 @@ def load_generator(path: PathLike, device: str | torch.device = "cpu") -> Genera
         raise CheckpointError(
             f"{weights} is damaged: its sha256 differs from the one {cfg_file} recorded at export; export it again"
         )
-    gen = import_class(cfg["class_path"])(**cfg["init_args"])
-    load_model(gen, str(weights), strict=True)
-    check_finite(gen.state_dict(), weights)
-    if list(gen.sample_shape) != list(cfg["sample_shape"]):
-        raise ValueError(
-            f"{cfg_file}: the rebuilt generator makes {gen.sample_shape}, config says {cfg['sample_shape']}"
-        )
-    return gen.to(device).eval().requires_grad_(False)
-
-
-def load_generator_weights(generator: nn.Module, path: PathLike) -> None:
-    """Copy the weights of an export folder into ``generator`` (same architecture), e.g. to start a run from them;
-    the folder is verified as ``load_generator`` does."""
-    source = load_generator(path).state_dict()
-    mismatch = describe_mismatch(generator.state_dict(), source, theirs=f"export {path}", ours="this generator")
-    if mismatch:
-        cfg = json.loads((Path(path) / CONFIG_FILE).read_text())
-        raise ValueError(f"init_from {path}: its weights do not fit this generator ({mismatch}); build it with "
-                         f"{cfg.get('class_path')} and {cfg.get('init_args')}")  # fmt: skip
-    generator.load_state_dict(source, strict=True)
+    return cfg_file, cfg, weights
 
 
 # ---- checkpoints ----------------------------------------------------------------------------------------------
