@@ -5,20 +5,14 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 from types import FrameType
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-
-def notice(message: str) -> None:
-    """One line on stderr, from rank 0 only (the rank is known from the environment before the trainer exists)."""
-    if rank_zero_only.rank == 0:
-        print(f"[drifting] {message}", file=sys.stderr, flush=True)
+from drifting_lightning.console import notice
 
 
 class GracefulStop(Callback):

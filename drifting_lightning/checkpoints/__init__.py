@@ -5,8 +5,8 @@
 - ``states``: the report of keys and shapes that differ between saved weights and a model.
 - ``loading``: ``load_module``, a trained module from a checkpoint and its run's config.yaml.
 - ``atomic_io``: the CheckpointIO of ``drifting fit`` (atomic writes, verified reads).
-- ``resume``: ``--ckpt_path`` (a file, a run folder, ``last``) and what every ``drifting fit`` trainer gets.
+- ``resume``: ``--ckpt_path`` (a file, a run folder, ``last``) resolved to the checkpoint a run resumes from.
 
-The first three import neither Lightning nor callbacks at import time and sit below ``module.py``; ``atomic_io``
-and ``resume`` belong to the CLI's trainer. Import the submodules by name.
+None imports ``callbacks/``: the folder sits below it (the callbacks every ``drifting fit`` trainer gets are added by
+``commands.fit.harden_trainer``). The first three import no Lightning at import time. Import the submodules by name.
 """

@@ -1,12 +1,10 @@
-"""What makes every ``drifting fit`` resumable, and the checkpoint it resumes from.
+"""The checkpoint a ``drifting fit`` resumes from (what makes its trainer resumable: ``commands.fit.harden_trainer``).
 
 - ``resolve_ckpt_path`` checks ``--ckpt_path`` before anything reads it (LightningCLI itself loads a file given there
   for its hyper-parameters, and would fail on a damaged one without naming it), and turns a run folder
   (``runs/<name>/version_<k>``) into its ``checkpoints/last.ckpt``.
 - ``resolve_last_checkpoint`` makes ``drifting fit --ckpt_path last`` find the run's ``last.ckpt`` even though each
   run of the command would otherwise log into a new ``version_N`` folder.
-- ``harden_trainer`` gives every ``drifting fit`` trainer ``last.ckpt``, atomic checkpoint files, the training RNG
-  stream in its checkpoints and a clean stop on SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
@@ -19,14 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from lightning.pytorch.plugins.io import CheckpointIO
 
-from drifting_lightning.callbacks.graceful_stop import GracefulStop, notice
-from drifting_lightning.callbacks.rng import TrainingRNG
-from drifting_lightning.checkpoints.atomic_io import AtomicCheckpointIO
 from drifting_lightning.checkpoints.reading import is_distributed_checkpoint, verify_checkpoint_file
+from drifting_lightning.console import notice
 
 LAST = re.compile(r"^last(-v\d+)?\.ckpt$")  # ModelCheckpoint's save_last names
 VERSION = re.compile(r"^version_\d+$")  # the version folders of TensorBoard and CSV loggers
@@ -143,29 +138,3 @@ def _checkpoint_dirpaths(callbacks: Any) -> list[str]:
         if dirpath and issubclass(_import(cb.class_path), ModelCheckpoint):
             dirpaths.append(dirpath)
     return dirpaths
-
-
-# ---- the trainer of every `drifting fit` ----------------------------------------------------------------------
-def harden_trainer(config: dict[str, Any]) -> list[Callback]:
-    """Make the Trainer arguments ``config`` resumable; returns the callbacks to add.
-
-    Adds ``TrainingRNG`` and ``GracefulStop``; makes sure a ModelCheckpoint keeps ``last.ckpt`` unless
-    ``enable_checkpointing`` is false: turns on ``save_last`` of the first configured one, or (none configured) adds
-    ``ModelCheckpoint(filename="last", enable_version_counter=False)``, which overwrites the one file last.ckpt at every
-    epoch end and when training stops (``save_last`` alone would write each checkpoint twice, under its epoch-step name
-    and as last.ckpt). Uses ``AtomicCheckpointIO`` unless a CheckpointIO plugin is configured.
-    """
-    added: list[Callback] = [TrainingRNG(), GracefulStop()]
-    configured = config.get("callbacks") or []
-    checkpoints = [c for c in (configured if isinstance(configured, list) else [configured])
-                   if isinstance(c, ModelCheckpoint)]  # fmt: skip
-    if config.get("enable_checkpointing", True) is not False:
-        if not checkpoints:
-            added.append(ModelCheckpoint(filename="last", enable_version_counter=False))
-        elif not any(c.save_last for c in checkpoints):
-            checkpoints[0].save_last = True
-    plugins = config.get("plugins") or []
-    plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
-    if not any(isinstance(p, CheckpointIO) for p in plugins):
-        config["plugins"] = [*plugins, AtomicCheckpointIO()]
-    return added

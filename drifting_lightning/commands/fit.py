@@ -14,15 +14,20 @@ import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import yaml
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
 
 from drifting_lightning import registry
+from drifting_lightning.callbacks.graceful_stop import GracefulStop
 from drifting_lightning.callbacks.progress import StepProgressBar
-from drifting_lightning.checkpoints.resume import harden_trainer, resolve_ckpt_path, resolve_last_checkpoint
+from drifting_lightning.callbacks.rng import TrainingRNG
+from drifting_lightning.checkpoints.atomic_io import AtomicCheckpointIO
+from drifting_lightning.checkpoints.resume import resolve_ckpt_path, resolve_last_checkpoint
 from drifting_lightning.commands import UsageError
 from drifting_lightning.commands.config_errors import argparse_error, instantiation_error, parse_error
 from drifting_lightning.commands.run_folder import RunConfigCallback, remove_failed_start
@@ -31,8 +36,33 @@ RESILIENCE_HELP = (
     "Make the run resumable, as every `drifting fit` is unless this is false: a ModelCheckpoint keeps last.ckpt "
     "(one is added, or save_last turned on), AtomicCheckpointIO writes checkpoints atomically, TrainingRNG keeps "
     "the training random state in them, GracefulStop turns SIGTERM/Ctrl-C into checkpoint-and-exit. A Trainer "
-    "built in Python gets the same from drifting_lightning.checkpoints.resume.harden_trainer."
+    "built in Python gets the same from drifting_lightning.commands.fit.harden_trainer."
 )
+
+
+def harden_trainer(config: dict[str, Any]) -> list[Callback]:
+    """Make the Trainer arguments ``config`` resumable; returns the callbacks to add.
+
+    Adds ``TrainingRNG`` and ``GracefulStop``; makes sure a ModelCheckpoint keeps ``last.ckpt`` unless
+    ``enable_checkpointing`` is false: turns on ``save_last`` of the first configured one, or (none configured) adds
+    ``ModelCheckpoint(filename="last", enable_version_counter=False)``, which overwrites the one file last.ckpt at every
+    epoch end and when training stops (``save_last`` alone would write each checkpoint twice, under its epoch-step name
+    and as last.ckpt). Uses ``AtomicCheckpointIO`` unless a CheckpointIO plugin is configured.
+    """
+    added: list[Callback] = [TrainingRNG(), GracefulStop()]
+    configured = config.get("callbacks") or []
+    checkpoints = [c for c in (configured if isinstance(configured, list) else [configured])
+                   if isinstance(c, ModelCheckpoint)]  # fmt: skip
+    if config.get("enable_checkpointing", True) is not False:
+        if not checkpoints:
+            added.append(ModelCheckpoint(filename="last", enable_version_counter=False))
+        elif not any(c.save_last for c in checkpoints):
+            checkpoints[0].save_last = True
+    plugins = config.get("plugins") or []
+    plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        config["plugins"] = [*plugins, AtomicCheckpointIO()]
+    return added
 
 
 class DriftingArgumentParser(LightningArgumentParser):

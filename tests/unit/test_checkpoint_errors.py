@@ -15,8 +15,9 @@ from drifting_lightning.callbacks.graceful_stop import GracefulStop
 from drifting_lightning.callbacks.rng import TrainingRNG
 from drifting_lightning.checkpoints.atomic_io import AtomicCheckpointIO
 from drifting_lightning.checkpoints.reading import CheckpointError, verify_checkpoint_file
-from drifting_lightning.checkpoints.resume import harden_trainer, resolve_last_checkpoint
+from drifting_lightning.checkpoints.resume import resolve_last_checkpoint
 from drifting_lightning.checkpoints.states import check_state_fits
+from drifting_lightning.commands.fit import harden_trainer
 from drifting_lightning.models.mlp import MLPGenerator
 from drifting_lightning.module import DriftingModule
 
