@@ -56,8 +56,10 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -237,7 +239,71 @@ def mb(nbytes: float) -> str:
     return f"{value:,.0f}" if value >= 100 else f"{value:.2g}"
 
 
-def main(argv: list[str] | None = None) -> None:
+Row = dict[str, Any]
+
+
+def ablation_rows(common: dict, shape: dict, channels: list[int]) -> Iterator[Row]:
+    """Table 1, a row per C as it is measured: "C", "engine" and "literal" (worker results: "time" median seconds,
+    "times", "extra" peak extra bytes; or "error") and "speedup" (literal time / engine time; None after an error)."""
+    for c in channels:
+        res = {impl: run_case({**common, **shape, "C": c, "L": None, "chunk": None, "impl": impl})
+               for impl in ("engine", "literal")}  # fmt: skip
+        failed = any("error" in r for r in res.values())
+        yield {"C": c, **res, "speedup": None if failed else res["literal"]["time"] / res["engine"]["time"]}
+
+
+def ablation_line(row: Row) -> str:
+    e, lit = row["engine"], row["literal"]
+    if row["speedup"] is None:
+        return f"| {row['C']} | {e.get('error', '')} | {lit.get('error', '')} | | | |"
+    return (f"| {row['C']} | {ms(e)} | {ms(lit)} | {row['speedup']:.1f}x "
+            f"| {mb(e['extra'])} | {mb(lit['extra'])} |")  # fmt: skip
+
+
+def location_rows(common: dict, shape: dict, locations: list[int], c: int, chunk: int, budget: int) -> Iterator[Row]:
+    """Table 2, a row per L as it is measured: "G", "L", "rows" (G L), "inputs" and "gen" (bytes the shapes take),
+    "budget" (the chunk budget, bytes), and then "needed" and "available" bytes (the case does not fit), "error", or
+    "result" (the worker's: "time", "times", "inputs" and "gen" bytes of its tensors, "extra" and "forward_extra" peak
+    extra bytes, "torch_threads"), "own" (peak extra - gradient, bytes) and "rows_per_s"."""
+    n = shape["N"]
+    previous = None
+    for loc in locations:
+        spec = {**common, **shape, "C": c, "L": loc, "chunk": chunk, "impl": "engine"}
+        rows = shape["G"] * loc
+        inputs = 4 * rows * c * (shape["N"] + shape["P"] + shape["M"])
+        gen_bytes = 4 * rows * c * n
+        row = {"G": shape["G"], "L": loc, "rows": rows, "inputs": inputs, "gen": gen_bytes, "budget": budget}
+        # Expected extra: gradient + chunk budget; past cases calibrate it (the budget part does not grow with the
+        # rows, so scaling the whole extra by the rows overestimates: safe).
+        needed = inputs + (previous["extra"] * rows / previous["rows"] if previous else gen_bytes + budget)
+        available = _available_bytes(common["device"])
+        if needed > 0.75 * available:  # leave room for whatever else runs on the machine
+            yield {**row, "needed": needed, "available": available}
+            continue
+        r = run_case(spec)
+        if "error" in r:
+            yield {**row, "error": r["error"]}
+            continue
+        previous = {**r, "rows": rows}
+        yield {**row, "result": r, "own": r["extra"] - r["gen"], "rows_per_s": rows / r["time"]}
+
+
+def location_line(row: Row) -> str:
+    name = f"{row['G']} x {row['L']} = {row['rows']:,}"
+    if "needed" in row:
+        return (f"| {name} | does not fit: needs about {mb(row['needed'])} MB, {mb(row['available'])} MB available "
+                f"| | {mb(row['inputs'])} | {mb(row['gen'])} | | | | | |")  # fmt: skip
+    if "error" in row:
+        return f"| {name} | failed: {row['error']} | | {mb(row['inputs'])} | {mb(row['gen'])} | | | | | |"
+    r, own, budget = row["result"], row["own"], row["budget"]
+    return (f"| {name} | {ms(r)} | {row['rows_per_s']:,.0f} | {mb(r['inputs'])} "
+            f"| {mb(r['gen'])} | {mb(r['extra'])} | {mb(own)} | {own / budget:.2f} | {mb(r['forward_extra'])} "
+            f"| {r['forward_extra'] / budget:.2f} |")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> dict[str, list[Row]]:
+    """Prints the tables; returns their rows: {"official": ..., "ablation": ..., "locations": ...} (see
+    ``official_rows``, ``ablation_rows``, ``location_rows``; a table not run has no rows)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="toy sizes, two repeats: a smoke test")
     parser.add_argument("--device", default="cpu")
@@ -258,10 +324,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
-        return
+        return {}
     if args.official_worker:
         print(json.dumps(official_worker(json.loads(args.official_worker))))
-        return
+        return {}
 
     quick = args.quick
     repeats = args.repeats or (2 if quick else 5)
@@ -270,6 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     channels = args.channels if args.channels is not None else [16] if quick else [64, 256, 1024]
     locations = args.locations if args.locations is not None else [4] if quick else [64, 256, 1024]
     common = dict(device=args.device, threads=args.threads, repeats=repeats)
+    tables: dict[str, list[Row]] = {"official": [], "ablation": [], "locations": []}
     if args.device.startswith("cuda"):
         import torch
 
@@ -280,7 +347,12 @@ def main(argv: list[str] | None = None) -> None:
           f"torch {metadata.version('torch')}, engine {_engine_version()}")
     print(f"forward + backward, temperatures {TEMPERATURES}, median of {repeats} runs after 1 warm-up\n")
     if args.official is not None:
-        official_table(args, shape, repeats)
+        if not args.official.exists() or not Path(args.jax_python).exists():
+            print(f"Against the authors' loss: skipped ({args.official} or {args.jax_python} not found; see the "
+                  "docstring)\n")  # fmt: skip
+        else:
+            tables["official"] = official_rows(args, shape, repeats)
+            print_official(tables["official"], args, shape, repeats)
 
     if channels:
         print(f"Ablation shape G={shape['G']}, N={shape['N']}, P={shape['P']}, M={shape['M']} (one [G, N, C] feature)"
@@ -288,18 +360,12 @@ def main(argv: list[str] | None = None) -> None:
         print("| C | engine ms (range) | literal loop ms (range) | speed-up "
               "| engine peak extra MB | literal peak extra MB |")
         print("|---:|---:|---:|---:|---:|---:|")
-    for c in channels:
-        res = {impl: run_case({**common, **shape, "C": c, "L": None, "chunk": None, "impl": impl})
-               for impl in ("engine", "literal")}
-        if any("error" in r for r in res.values()):
-            print(f"| {c} | {res['engine'].get('error', '')} | {res['literal'].get('error', '')} | | | |")
-            continue
-        e, lit = res["engine"], res["literal"]
-        print(f"| {c} | {ms(e)} | {ms(lit)} | {lit['time'] / e['time']:.1f}x "
-              f"| {mb(e['extra'])} | {mb(lit['extra'])} |", flush=True)
+    for row in ablation_rows(common, shape, channels):
+        tables["ablation"].append(row)
+        print(ablation_line(row), flush=True)
 
     if not locations:
-        return
+        return tables
     sys.path.insert(0, str(ROOT))  # the engine's own definition of the budget, also when not installed
     from drifting_lightning.drift.chunks import LIVE_MATRICES, chunk_budget_bytes
 
@@ -315,75 +381,61 @@ def main(argv: list[str] | None = None) -> None:
     print("| G x L rows | ms (range) | rows/s | inputs MB | gen = gradient MB | peak extra MB | extra - gradient MB "
           "| (extra - gradient) / budget | forward without gradient: peak extra MB | forward / budget |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    previous = None
-    for loc in locations:
-        spec = {**common, **shape, "C": c, "L": loc, "chunk": chunk, "impl": "engine"}
-        rows = shape["G"] * loc
-        inputs = 4 * rows * c * (shape["N"] + shape["P"] + shape["M"])
-        gen_bytes = 4 * rows * c * n
-        # Expected extra: gradient + chunk budget; past cases calibrate it (the budget part does not grow with the
-        # rows, so scaling the whole extra by the rows overestimates: safe).
-        needed = inputs + (previous["extra"] * rows / previous["rows"] if previous else gen_bytes + budget)
-        available = _available_bytes(args.device)
-        if needed > 0.75 * available:  # leave room for whatever else runs on the machine
-            print(f"| {shape['G']} x {loc} = {rows:,} | does not fit: needs about {mb(needed)} MB, "
-                  f"{mb(available)} MB available | | {mb(inputs)} | {mb(gen_bytes)} | | | | | |", flush=True)
-            continue
-        r = run_case(spec)
-        if "error" in r:
-            print(f"| {shape['G']} x {loc} = {rows:,} | failed: {r['error']} | | {mb(inputs)} | {mb(gen_bytes)} "
-                  "| | | | | |", flush=True)
-            continue
-        previous = {**r, "rows": rows}
-        own = r["extra"] - r["gen"]
-        print(f"| {shape['G']} x {loc} = {rows:,} | {ms(r)} | {rows / r['time']:,.0f} | {mb(r['inputs'])} "
-              f"| {mb(r['gen'])} | {mb(r['extra'])} | {mb(own)} | {own / budget:.2f} | {mb(r['forward_extra'])} "
-              f"| {r['forward_extra'] / budget:.2f} |", flush=True)
-    threads = previous["torch_threads"] if previous else "?"
+    for row in location_rows(common, shape, locations, c, chunk, budget):
+        tables["locations"].append(row)
+        print(location_line(row), flush=True)
+    measured = [row["result"] for row in tables["locations"] if "result" in row]
+    threads = measured[-1]["torch_threads"] if measured else "?"
     print(f"\ntorch threads {threads}" + (f", load average {os.getloadavg()[0]:.1f} at the end; peak extra = ru_maxrss "
           "after the runs - RSS after allocating the inputs (peak mark reset there)" if args.device == "cpu" else ""))
+    return tables
 
 
 # Issue 18's rows: (C, L); L None is one global feature.
 OFFICIAL_ROWS = [(256, None), (1024, None), (256, 16), (128, 64)]
 
 
-def official_table(args: argparse.Namespace, shape: dict, repeats: int) -> list[dict]:
-    """Table 3: ours against the authors' loss, interleaved; prints it and returns its rows."""
-    rows = [(16, None), (8, 4)] if args.quick else OFFICIAL_ROWS
-    if not args.official.exists() or not Path(args.jax_python).exists():
-        print(f"Against the authors' loss: skipped ({args.official} or {args.jax_python} not found; see the docstring)"
-              "\n")
-        return []
+def official_rows(args: argparse.Namespace, shape: dict, repeats: int) -> list[Row]:
+    """Table 3, ours against the authors' loss, interleaved: a row per shape, "C", "L" (None: one global feature),
+    "theirs" and "ours" (the best of the rounds: "time" median seconds, "times"; or "error") and "ratio" (their time
+    / ours; None after an error)."""
+    shapes = [(16, None), (8, 4)] if args.quick else OFFICIAL_ROWS
     clock = "cpu" if args.threads == 1 else "wall"
     common = dict(device="cpu", threads=args.threads, repeats=repeats, clock=clock, official=str(args.official))
     best: dict[tuple, dict] = {}
     for _ in range(args.rounds):
-        for c, loc in rows:
+        for c, loc in shapes:
             for impl in ("engine", "official"):
                 spec = {**common, **shape, "C": c, "L": loc, "chunk": None, "impl": impl}
                 r = run_case(spec, args.jax_python, "--official-worker") if impl == "official" else run_case(spec)
                 prev = best.get((c, loc, impl))
                 if prev is None or ("error" not in prev and ("error" in r or r["time"] < prev["time"])):
                     best[(c, loc, impl)] = r  # an error sticks: its row reports it
+    out = []
+    for c, loc in shapes:
+        theirs, ours = best[(c, loc, "official")], best[(c, loc, "engine")]
+        failed = "error" in theirs or "error" in ours
+        out.append({"C": c, "L": loc, "theirs": theirs, "ours": ours,
+                    "ratio": None if failed else theirs["time"] / ours["time"]})  # fmt: skip
+    return out
+
+
+def print_official(rows: list[Row], args: argparse.Namespace, shape: dict, repeats: int) -> None:
     threads = "1 thread each, CPU time" if args.threads == 1 else f"threads {args.threads or 'default'}, wall time"
     print(f"Against the authors' loss ({args.official}, jax.jit, XLA CPU), G={shape['G']}, N={shape['N']}, "
           f"P={shape['P']}, M={shape['M']}; {threads}; best of {args.rounds} interleaved rounds, each the median of "
           f"{repeats} runs; load average {os.getloadavg()[0]:.1f} at the end\n")
     print("| shape | authors' drift_loss.py ms | ours, DriftingLoss ms | theirs / ours |")
     print("|---|---:|---:|---:|")
-    out = []
-    for c, loc in rows:
-        theirs, ours = best[(c, loc, "official")], best[(c, loc, "engine")]
+    for row in rows:
+        theirs, ours = row["theirs"], row["ours"]
+        c, loc = row["C"], row["L"]
         name = f"one global feature, C = {c}" if loc is None else f"per-location, L = {loc}, C = {c}"
-        if "error" in theirs or "error" in ours:
+        if row["ratio"] is None:
             print(f"| {name} | {theirs.get('error', '')} | {ours.get('error', '')} | |")
             continue
-        ratio = theirs["time"] / ours["time"]
-        print(f"| {name} | {theirs['time'] * 1e3:,.1f} | {ours['time'] * 1e3:,.1f} | {ratio:.2f}x |", flush=True)
-        out.append({"C": c, "L": loc, "theirs": theirs["time"], "ours": ours["time"], "ratio": ratio})
+        print(f"| {name} | {theirs['time'] * 1e3:,.1f} | {ours['time'] * 1e3:,.1f} | {row['ratio']:.2f}x |", flush=True)
     print()
-    return out
 
 
 if __name__ == "__main__":

@@ -300,11 +300,80 @@ def worker(spec: dict) -> dict:
     return part(spec, module, device)
 
 
+Row = dict[str, Any]
+
+
+def step_rows(configs: list[str], args: argparse.Namespace, warmup: int, repeats: int) -> list[Row]:
+    """A row per config: "config", "notes" (the benchmark's overrides, in words), "error" (None when measured) and,
+    when measured: "generated" samples per step, "features" (feature sets), "feature_values" (per sample), "params"
+    (generator), "draw" (one data batch, a ``summary`` of seconds; None for a synthetic batch), "step" (``summary`` of
+    seconds), "parts" ({each of COLUMNS and "rest": ``summary`` of its seconds inside the step}), "base" (bytes in use
+    at the start of the first step), "step_extra" (the step's peak extra bytes) and "part_extra" ({each of PARTS: its
+    peak extra bytes alone; None when not measured: no encoder, or the part failed})."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for config in configs:
+            path, notes = write_config(config, Path(tmp), args.quick, args.imagenet_groups)
+            precision = read_run_config(path).get("trainer", {}).get("precision", "32-true")
+            spec = {"config": config, "path": str(path), "device": args.device, "threads": args.threads,
+                    "clock": args.clock,
+                    "warmup": warmup, "repeats": repeats, "precision": precision,
+                    "capture": str(Path(tmp) / f"{path.stem}.pt")}  # fmt: skip
+            row: Row = {"config": config, "notes": notes}
+            info = run_isolated(worker, {**spec, "phase": "capture"})
+            if "error" in info:
+                rows.append({**row, "error": info["error"]})
+                continue
+            phases = ["step", *(p for p in PARTS if p != "encoder" or info["encoder"])]
+            res = {p: run_isolated(worker, {**spec, "phase": p}) for p in phases}
+            if "error" in res["step"]:
+                rows.append({**row, "error": res["step"]["error"]})
+                continue
+            step = res["step"]
+            rows.append({
+                **row, "error": None, **{k: info[k] for k in ("generated", "features", "feature_values", "params")},
+                "draw": info["draw"], "step": step["step"], "parts": {c: step[c] for c in (*COLUMNS, "rest")},
+                "base": step["base"], "step_extra": step["extra"],
+                "part_extra": {p: res[p]["extra"] if p in res and "error" not in res[p] else None for p in PARTS},
+            })  # fmt: skip
+    return rows
+
+
 def share(result: dict, total: float) -> str:
     return f"{result['time'] * 1e3:,.1f} ({result['time'] / total:.0%})"
 
 
-def main(argv: list[str] | None = None) -> None:
+def print_tables(rows: list[Row], device: torch.device) -> None:
+    """The two markdown tables of ``step_rows``: times inside the step, and peak memory."""
+    print("Time inside the step, ms (share of the step's median): medians over the timed steps\n")
+    print("| config | generated / step | feature sets (values / sample) | data batch ms | step ms (range) "
+          + "".join(f"| {c} " for c in COLUMNS) + "| rest |")
+    print("|---|---:|---:|---:|---:|" + "---:|" * (len(COLUMNS) + 1))
+    for row in rows:
+        name = f"{Path(row['config']).stem}" + (f" ({row['notes']})" if row["notes"] else "")
+        if row["error"]:
+            print(f"| {name} | failed: {row['error']} |" + " |" * (len(COLUMNS) + 4))
+            continue
+        total, parts = row["step"]["time"], row["parts"]
+        draw = ms(row["draw"]) if row["draw"] else "synthetic"
+        print(f"| {name} | {row['generated']:,} | {row['features']} ({row['feature_values']:,}) | {draw} "
+              f"| {ms(row['step'])} " + "".join(f"| {share(parts[c], total)} " for c in COLUMNS)
+              + f"| {share(parts['rest'], total)} |")  # fmt: skip
+    what = "RSS" if device.type == "cpu" else "allocated"
+    print(f"\nPeak memory, MB: {what} at the start of the first step, and the peak extra over the baseline\n")
+    print(f"| config | generator params | {what} at step start | step peak extra | generator peak extra "
+          "| encoder peak extra | drift loss peak extra |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        if row["error"]:
+            continue
+        extra = {p: "-" if b is None else mb(b) for p, b in row["part_extra"].items()}
+        print(f"| {Path(row['config']).stem} | {row['params'] / 1e6:.2f}M | {mb(row['base'])} "
+              f"| {mb(row['step_extra'])} | {extra['generator']} | {extra['encoder']} | {extra['loss']} |")
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    """Prints both tables; returns their rows (``step_rows``)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="digits only, 2 class groups of 4 (smoke test)")
     parser.add_argument("--device", default="cpu")
@@ -326,54 +395,16 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--clock cpu measures one CPU thread's work: use it with --device cpu --threads 1")
     warmup = args.warmup if args.warmup is not None else 1 if args.quick else 2
     repeats = args.repeats or (2 if args.quick else 5)
-    configs = CONFIGS[:1] if args.quick else CONFIGS + ((IMAGENET,) if args.imagenet else ())
+    configs = list(CONFIGS[:1] if args.quick else CONFIGS + ((IMAGENET,) if args.imagenet else ()))
 
     print(f"training step benchmark, {time.strftime('%Y-%m-%d %H:%M')}, device {device} ({machine(device)}), "
           f"torch {torch.__version__}, engine {engine_version()}, {args.threads} torch thread(s), {args.clock} clock")
     print(f"median of {repeats} timed steps (range) after {warmup} warm-up step(s); every measurement in a fresh "
           "process\n")
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for config in configs:
-            path, notes = write_config(config, Path(tmp), args.quick, args.imagenet_groups)
-            precision = read_run_config(path).get("trainer", {}).get("precision", "32-true")
-            spec = {"config": config, "path": str(path), "device": args.device, "threads": args.threads,
-                    "clock": args.clock,
-                    "warmup": warmup, "repeats": repeats, "precision": precision,
-                    "capture": str(Path(tmp) / f"{path.stem}.pt")}  # fmt: skip
-            info = run_isolated(worker, {**spec, "phase": "capture"})
-            if "error" in info:
-                rows.append((config, notes, info, {}))
-                continue
-            phases = ["step", *(p for p in PARTS if p != "encoder" or info["encoder"])]
-            rows.append((config, notes, info, {p: run_isolated(worker, {**spec, "phase": p}) for p in phases}))
-
-    print("Time inside the step, ms (share of the step's median): medians over the timed steps\n")
-    print("| config | generated / step | feature sets (values / sample) | data batch ms | step ms (range) "
-          + "".join(f"| {c} " for c in COLUMNS) + "| rest |")
-    print("|---|---:|---:|---:|---:|" + "---:|" * (len(COLUMNS) + 1))
-    for config, notes, info, res in rows:
-        name = f"{Path(config).stem}" + (f" ({notes})" if notes else "")
-        if "error" in info or "error" in res["step"]:
-            print(f"| {name} | failed: {info.get('error') or res['step']['error']} |" + " |" * (len(COLUMNS) + 4))
-            continue
-        total = res["step"]["step"]["time"]
-        draw = ms(info["draw"]) if info["draw"] else "synthetic"
-        print(f"| {name} | {info['generated']:,} | {info['features']} ({info['feature_values']:,}) | {draw} "
-              f"| {ms(res['step']['step'])} " + "".join(f"| {share(res['step'][c], total)} " for c in COLUMNS)
-              + f"| {share(res['step']['rest'], total)} |")  # fmt: skip
-    what = "RSS" if device.type == "cpu" else "allocated"
-    print(f"\nPeak memory, MB: {what} at the start of the first step, and the peak extra over the baseline\n")
-    print(f"| config | generator params | {what} at step start | step peak extra | generator peak extra "
-          "| encoder peak extra | drift loss peak extra |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for config, _notes, info, res in rows:
-        if "error" in info or "error" in res["step"]:
-            continue
-        extra = {p: mb(res[p]["extra"]) if p in res and "error" not in res[p] else "-" for p in PARTS}
-        print(f"| {Path(config).stem} | {info['params'] / 1e6:.2f}M | {mb(res['step']['base'])} "
-              f"| {mb(res['step']['extra'])} | {extra['generator']} | {extra['encoder']} | {extra['loss']} |")
+    rows = step_rows(configs, args, warmup, repeats)
+    print_tables(rows, device)
     print(f"\nload average {' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end")
+    return rows
 
 
 if __name__ == "__main__":

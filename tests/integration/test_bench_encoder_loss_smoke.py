@@ -1,7 +1,8 @@
 """benchmarks/encoder_loss.py --quick runs end to end and returns its rows: the feature sets grow with the families,
-every run measured time and memory. (Memory bounds are compared in the full run, benchmarks/RESULTS.md: resident-set
-sizes on a shared machine are not for assertions.)"""
+every run measured, its times positive and finite. (Memory bounds are compared in the full run,
+benchmarks/RESULTS.md: resident-set sizes on a shared machine are not for assertions.)"""
 
+import math
 import sys
 from pathlib import Path
 
@@ -21,6 +22,9 @@ def test_quick_benchmark_grows_features_and_measures_every_run():
     for runs in (few, every):
         assert set(runs) == {(chunked, mode) for chunked in (True, False) for mode in ("full", "loss")}
         assert not any(run.get("error") for run in runs.values())
+        for (_, mode), run in runs.items():  # quick: one timed run; in full mode also each segment of it
+            timed = [run, *(run[name] for name in encoder_loss.SEGMENTS if mode == "full")]
+            assert all(len(t["times"]) == 1 and 0 < t["time"] < math.inf for t in timed), run
+            assert run["extra"] >= 0 and run["budget"] > 0
     assert every[(True, "full")]["features"] > few[(True, "full")]["features"]  # more families, more feature sets
     assert every[(True, "full")]["gen_bytes"] > few[(True, "full")]["gen_bytes"]
-    assert every[(True, "loss")]["budget"] > 0 and every[(True, "full")]["encoder"]["time"] >= 0
