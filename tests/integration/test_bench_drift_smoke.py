@@ -10,6 +10,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import drift_loss  # noqa: E402
 
+from drifting_lightning.drift.chunks import chunk_budget_bytes  # noqa: E402
+
 
 def timed(result: dict, repeats: int) -> bool:
     """The worker's timings: ``repeats`` runs, positive and finite, their median the row's time."""
@@ -38,7 +40,7 @@ def test_quick_benchmark_measures_every_case(capsys):
     assert loc["gen"] == result["gen"] == 4 * 16 * 16 * 8
     assert result["inputs"] == loc["inputs"] + 4 * 4 * 2 == 4 * 16 * 16 * (8 + 8 + 2) + 4 * 4 * 2
     assert loc["own"] == result["extra"] - result["gen"] and result["forward_extra"] >= 0
-    # 2**10 elements per [rows, N, T] block, T = 18: 7 rows per chunk of 3 N T + (T + N) C float32 values
-    assert loc["budget"] == 4 * 7 * (3 * 8 * 18 + (18 + 8) * 16)
+    # the engine's bound at the case's sizes: 2**10 elements per [rows, N, T] block, N = 8, T = N + P + M = 18, C = 16
+    assert loc["budget"] == chunk_budget_bytes(2**10, 8, 18, 16)
     for line in (drift_loss.ablation_line(ablation), drift_loss.location_line(loc)):
         assert line in out.splitlines()  # the printed tables are the rows
