@@ -6,7 +6,7 @@
 - ``resolve_last_checkpoint`` makes ``drifting fit --ckpt_path last`` find the run's ``last.ckpt`` even though each
   run of the command would otherwise log into a new ``version_N`` folder.
 - ``harden_trainer`` gives every ``drifting fit`` trainer ``last.ckpt``, atomic checkpoint files, the training RNG
-  stream in its checkpoints and a clean stop on SIGTERM/SIGINT.
+  stream in its checkpoints, a clean stop on SIGTERM/SIGINT and checkpoints between epochs that resume exactly.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 
+from drifting_lightning.callbacks.epoch_boundary import EpochBoundaryResume
 from drifting_lightning.callbacks.graceful_stop import GracefulStop, notice
 from drifting_lightning.callbacks.rng import TrainingRNG
 from drifting_lightning.checkpoints.atomic_io import AtomicCheckpointIO
@@ -149,13 +150,14 @@ def _checkpoint_dirpaths(callbacks: Any) -> list[str]:
 def harden_trainer(config: dict[str, Any]) -> list[Callback]:
     """Make the Trainer arguments ``config`` resumable; returns the callbacks to add.
 
-    Adds ``TrainingRNG`` and ``GracefulStop``; makes sure a ModelCheckpoint keeps ``last.ckpt`` unless
-    ``enable_checkpointing`` is false: turns on ``save_last`` of the first configured one, or (none configured) adds
-    ``ModelCheckpoint(filename="last", enable_version_counter=False)``, which overwrites the one file last.ckpt at every
-    epoch end and when training stops (``save_last`` alone would write each checkpoint twice, under its epoch-step name
-    and as last.ckpt). Uses ``AtomicCheckpointIO`` unless a CheckpointIO plugin is configured.
+    Adds ``TrainingRNG``, ``GracefulStop`` and ``EpochBoundaryResume``; makes sure a ModelCheckpoint keeps
+    ``last.ckpt`` unless ``enable_checkpointing`` is false: turns on ``save_last`` of the first configured one, or
+    (none configured) adds ``ModelCheckpoint(filename="last", enable_version_counter=False)``, which overwrites the one
+    file last.ckpt at every epoch end and when training stops (``save_last`` alone would write each checkpoint twice,
+    under its epoch-step name and as last.ckpt). Uses ``AtomicCheckpointIO`` unless a CheckpointIO plugin is
+    configured.
     """
-    added: list[Callback] = [TrainingRNG(), GracefulStop()]
+    added: list[Callback] = [TrainingRNG(), GracefulStop(), EpochBoundaryResume()]
     configured = config.get("callbacks") or []
     checkpoints = [c for c in (configured if isinstance(configured, list) else [configured])
                    if isinstance(c, ModelCheckpoint)]  # fmt: skip

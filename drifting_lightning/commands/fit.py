@@ -30,7 +30,8 @@ from drifting_lightning.commands.run_folder import RunConfigCallback, remove_fai
 RESILIENCE_HELP = (
     "Make the run resumable, as every `drifting fit` is unless this is false: a ModelCheckpoint keeps last.ckpt "
     "(one is added, or save_last turned on), AtomicCheckpointIO writes checkpoints atomically, TrainingRNG keeps "
-    "the training random state in them, GracefulStop turns SIGTERM/Ctrl-C into checkpoint-and-exit. A Trainer "
+    "the training random state in them, GracefulStop turns SIGTERM/Ctrl-C into checkpoint-and-exit, "
+    "EpochBoundaryResume makes checkpoints written between two epochs resume at the next one. A Trainer "
     "built in Python gets the same from drifting_lightning.checkpoints.resume.harden_trainer."
 )
 
