@@ -47,9 +47,11 @@ class EpochBoundaryResume(Callback):
     """Every checkpoint of the run that is written between two epochs resumes at the next epoch's first step
     (``close_finished_epoch``); checkpoints written before this callback existed are mended when loaded."""
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]):
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:  # fmt: skip
         close_finished_epoch(checkpoint.get("loops") or {})
 
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]):
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:  # fmt: skip
         # Called before Lightning restores its loops from the same dict.
         close_finished_epoch(checkpoint.get("loops") or {})
