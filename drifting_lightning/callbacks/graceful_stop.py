@@ -21,7 +21,8 @@ class GracefulStop(Callback):
 
     Lightning already notes SIGTERM and stops at the next step boundary (``SIGTERMException``); this callback routes
     SIGINT the same way and writes the checkpoint when that stop happens. Without a ModelCheckpoint
-    (``enable_checkpointing: false``) nothing is written.
+    (``enable_checkpointing: false``) nothing is written. A signal during an epoch's last step or its end hooks stops
+    the run after the epoch's end; that checkpoint resumes at the next epoch through ``EpochBoundaryResume``.
     """
 
     def __init__(self) -> None:

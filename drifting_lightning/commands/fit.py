@@ -23,6 +23,7 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from lightning.pytorch.plugins.io import CheckpointIO
 
 from drifting_lightning import registry
+from drifting_lightning.callbacks.epoch_boundary import EpochBoundaryResume
 from drifting_lightning.callbacks.graceful_stop import GracefulStop
 from drifting_lightning.callbacks.progress import StepProgressBar
 from drifting_lightning.callbacks.rng import TrainingRNG
@@ -35,7 +36,8 @@ from drifting_lightning.commands.run_folder import RunConfigCallback, remove_fai
 RESILIENCE_HELP = (
     "Make the run resumable, as every `drifting fit` is unless this is false: a ModelCheckpoint keeps last.ckpt "
     "(one is added, or save_last turned on), AtomicCheckpointIO writes checkpoints atomically, TrainingRNG keeps "
-    "the training random state in them, GracefulStop turns SIGTERM/Ctrl-C into checkpoint-and-exit. A Trainer "
+    "the training random state in them, GracefulStop turns SIGTERM/Ctrl-C into checkpoint-and-exit, "
+    "EpochBoundaryResume makes checkpoints written between two epochs resume at the next one. A Trainer "
     "built in Python gets the same from drifting_lightning.commands.fit.harden_trainer."
 )
 
@@ -43,13 +45,14 @@ RESILIENCE_HELP = (
 def harden_trainer(config: dict[str, Any]) -> list[Callback]:
     """Make the Trainer arguments ``config`` resumable; returns the callbacks to add.
 
-    Adds ``TrainingRNG`` and ``GracefulStop``; makes sure a ModelCheckpoint keeps ``last.ckpt`` unless
-    ``enable_checkpointing`` is false: turns on ``save_last`` of the first configured one, or (none configured) adds
-    ``ModelCheckpoint(filename="last", enable_version_counter=False)``, which overwrites the one file last.ckpt at every
-    epoch end and when training stops (``save_last`` alone would write each checkpoint twice, under its epoch-step name
-    and as last.ckpt). Uses ``AtomicCheckpointIO`` unless a CheckpointIO plugin is configured.
+    Adds ``TrainingRNG``, ``GracefulStop`` and ``EpochBoundaryResume``; makes sure a ModelCheckpoint keeps
+    ``last.ckpt`` unless ``enable_checkpointing`` is false: turns on ``save_last`` of the first configured one, or
+    (none configured) adds ``ModelCheckpoint(filename="last", enable_version_counter=False)``, which overwrites the one
+    file last.ckpt at every epoch end and when training stops (``save_last`` alone would write each checkpoint twice,
+    under its epoch-step name and as last.ckpt). Uses ``AtomicCheckpointIO`` unless a CheckpointIO plugin is
+    configured.
     """
-    added: list[Callback] = [TrainingRNG(), GracefulStop()]
+    added: list[Callback] = [TrainingRNG(), GracefulStop(), EpochBoundaryResume()]
     configured = config.get("callbacks") or []
     checkpoints = [c for c in (configured if isinstance(configured, list) else [configured])
                    if isinstance(c, ModelCheckpoint)]  # fmt: skip

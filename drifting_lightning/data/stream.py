@@ -2,11 +2,12 @@
 
 Every DataModule here hands out one batch per training step through a ``StreamLoader`` and saves its position in the
 checkpoint (``state_dict``), so a resumed run draws exactly the batches that the uninterrupted run would have drawn.
-The image DataModules count the consumed steps with a ``PassTracker``; the toy and vector ones save (epoch, batch).
+The position is the number of batches training has consumed; a ``PassTracker`` counts it from the trainer's count of
+batches its steps took, for every DataModule alike (Lightning fetches ahead of the step, workers further ahead).
 
-Toy and vector data: pass ``epoch`` of rank r, worker w draws from a generator seeded by (seed, epoch, r, w), so a
-run repeats exactly, ranks and workers never share samples, and each epoch is new. The epoch and the number of its
-batches that training consumed (the trainer's count, as Lightning fetches ahead) are what the checkpoint holds.
+Toy and vector data: batch k of epoch e (position e * steps_per_epoch + k) on rank r, worker w is drawn from a
+generator seeded by (seed, e, r, w), so a run repeats exactly, ranks and workers never share samples, and each epoch
+is new. The checkpoint holds the position as (epoch, batch).
 """
 
 from __future__ import annotations
@@ -70,21 +71,20 @@ class PassTracker:
 
 
 class StreamLoader(DataLoader):
-    """The training loader of a resumable stream (one batch dict per step, ``batch_size=None``). Each pass first
-    calls ``begin_pass()`` (when given), which points the dataset at the position training has consumed; a
-    ``tracker`` counts the batches the loader hands out. Stateful, with an empty state (the DataModule saves the
-    position), which tells Lightning that this loader resumes mid-epoch."""
+    """The training loader of a resumable stream (one batch dict per step, ``batch_size=None``), the one every
+    DataModule here returns. Each pass first calls ``begin_pass()``, which points the dataset at the position
+    training has consumed and begins the pass of ``tracker``; the tracker counts the batches the loader hands out.
+    Stateful, with an empty state (the DataModule saves the position), which tells Lightning that this loader resumes
+    mid-epoch."""
 
-    def __init__(self, dataset: IterableDataset, begin_pass: Callable[[], None] | None = None,
-                 tracker: PassTracker | None = None, **kwargs: Any) -> None:  # fmt: skip
+    def __init__(self, dataset: IterableDataset, begin_pass: Callable[[], None], tracker: PassTracker,
+                 **kwargs: Any) -> None:  # fmt: skip
         super().__init__(dataset, batch_size=None, **kwargs)
         self._begin_pass, self._tracker = begin_pass, tracker
 
     def __iter__(self) -> Iterator[Any]:
-        if self._begin_pass is not None:
-            self._begin_pass()
-        batches = super().__iter__()
-        return batches if self._tracker is None else self._tracker.count(batches)
+        self._begin_pass()
+        return self._tracker.count(super().__iter__())
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -94,20 +94,15 @@ class StreamLoader(DataLoader):
 
 
 class SeededStream(IterableDataset):
-    """``steps`` batches ``{"positives": [1, P, *shape]}`` per pass, ``draw(generator) -> [P, *shape]``.
+    """``steps`` batches ``{"positives": [1, P, *shape]}`` per epoch, ``draw(generator) -> [P, *shape]``; a pass
+    yields epoch ``epoch`` from its batch ``start`` on (the owner points it at the consumed position before each pass).
 
-    ``draw`` must be picklable (a module-level function or a ``functools.partial`` of one) for workers. The next pass
-    is epoch ``epoch`` and begins at its batch ``start`` (a resumed epoch); ``position`` is the index of the next batch
-    of the pass in progress (None before the first pass; counted in this process, so without workers only).
+    ``draw`` must be picklable (a module-level function or a ``functools.partial`` of one) for workers.
     """
 
-    def __init__(
-        self, draw: Callable[[torch.Generator], Tensor], steps: int, seed: int, rank: int, epoch: int = 0,
-        start: int = 0,
-    ) -> None:  # fmt: skip
-        self.draw, self.steps, self.seed, self.rank, self.epoch = draw, steps, seed, rank, epoch
-        self.start = start
-        self.position: int | None = None
+    def __init__(self, draw: Callable[[torch.Generator], Tensor], steps: int, seed: int, rank: int) -> None:
+        self.draw, self.steps, self.seed, self.rank = draw, steps, seed, rank
+        self.epoch, self.start = 0, 0
 
     def __len__(self) -> int:
         return self.steps
@@ -116,13 +111,9 @@ class SeededStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         gen = torch_generator(self.seed, TRAIN_STREAM, self.epoch, self.rank, worker)
-        start, self.start = self.start, 0
-        self.epoch += 1
-        self.position = start
         for i in range(worker, self.steps, workers):
             positives = self.draw(gen)  # drawn even when skipped, so the generator is where the first pass had it
-            if i >= start:
-                self.position = i + 1
+            if i >= self.start:
                 yield {"positives": positives.unsqueeze(0)}
 
 
@@ -144,8 +135,8 @@ class StreamingDataModule(L.LightningDataModule):
         self.positives_per_step = positives_per_step
         self.steps_per_epoch = steps_per_epoch
         self.seed = seed
-        self._epoch, self._batch = 0, 0
-        self._stream: SeededStream | None = None
+        self._loaded = 0  # the position a checkpoint gave (0 for a new run), until a pass begins
+        self._tracker = PassTracker()
 
     def draw_fn(self) -> Callable[[torch.Generator], Tensor]:
         """A picklable ``generator -> [positives_per_step, *sample_shape]``."""
@@ -157,28 +148,25 @@ class StreamingDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rank = self.trainer.global_rank if self.trainer is not None else 0
-        state = self.state_dict()
-        self._stream = SeededStream(self.draw_fn(), self.steps_per_epoch, self.seed, rank, state["epoch"],
-                                    state.get("batch", 0))  # fmt: skip
-        return StreamLoader(self._stream)
+        stream = SeededStream(self.draw_fn(), self.steps_per_epoch, self.seed, rank)
+        return StreamLoader(stream, lambda: self._begin_pass(stream), self._tracker)
 
     def state_dict(self) -> dict[str, Any]:
         """``{"epoch": e}`` at an epoch boundary, ``{"epoch": e, "batch": k}`` after k batches of epoch e."""
-        stream = self._stream
-        if stream is None:
-            epoch, batch = self._epoch, self._batch
-        elif stream.position is None:
-            epoch, batch = stream.epoch, stream.start
-        else:
-            # Lightning fetches a batch ahead of the step: the trainer's count of batches its steps used is exact.
-            trainer = self.trainer
-            batch = stream.position if trainer is None else trainer.fit_loop.epoch_loop.batch_progress.current.ready
-            epoch = stream.epoch - 1
-            if batch >= stream.steps:
-                epoch, batch = epoch + 1, 0
+        epoch, batch = divmod(self._position(), self.steps_per_epoch)
         return {"epoch": epoch, "batch": batch} if batch else {"epoch": epoch}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._epoch, self._batch = int(state_dict.get("epoch", 0)), int(state_dict.get("batch", 0))
-        if self._stream is not None:
-            self._stream.epoch, self._stream.start, self._stream.position = self._epoch, self._batch, None
+        self._loaded = int(state_dict.get("epoch", 0)) * self.steps_per_epoch + int(state_dict.get("batch", 0))
+        self._tracker.forget()
+
+    def _position(self) -> int:
+        """The number of batches training has consumed."""
+        position = self._tracker.position(self.trainer)
+        return self._loaded if position is None else position
+
+    def _begin_pass(self, stream: SeededStream) -> None:
+        """A new pass of the loader continues at the consumed position."""
+        position = self._position()
+        stream.epoch, stream.start = divmod(position, self.steps_per_epoch)
+        self._tracker.begin(position, self.trainer)

@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from drifting_lightning.callbacks.epoch_boundary import EpochBoundaryResume
 from drifting_lightning.callbacks.rng import TrainingRNG
 from drifting_lightning.checkpoints.atomic_io import AtomicCheckpointIO
 from drifting_lightning.data.toy import ToyDataModule
@@ -68,6 +69,19 @@ def assert_same_training_state(a: dict, b: dict) -> None:
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(opt_b[i][name])), (i, name)
     assert a["lr_schedulers"] == b["lr_schedulers"]
     assert a["loops"]["fit_loop"]["epoch_loop.batch_progress"] == b["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+
+
+def assert_resuming_to_12_is_exact(save_dir: Path, straight_dir: Path) -> None:
+    """`--ckpt_path last` of the stopped toy run under ``save_dir`` to step 12 equals 12 uninterrupted steps (run under
+    ``straight_dir``) bit for bit, loss curve included."""
+    resumed = run_drifting(*toy(save_dir, 12, "--ckpt_path", "last"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight = run_drifting(*toy(straight_dir, 12))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    run, straight_run = save_dir / "toy" / "version_0", straight_dir / "toy" / "version_0"
+    last = "checkpoints/last.ckpt"
+    assert_same_training_state(load(straight_run / last), load(run / last))
+    assert losses(run) == losses(straight_run) and len(losses(run)) == 12
 
 
 def test_resume_from_last_matches_the_uninterrupted_run(tmp_path: Path):
@@ -132,28 +146,75 @@ class _DropoutMLP(MLPGenerator):
         return torch.nn.functional.dropout(super().forward(noise), 0.5, training=self.training)
 
 
+def fit_toy(folder: Path, steps: int, steps_per_epoch: int, generator: type[MLPGenerator],
+            callbacks: list[type[Callback]], resume: bool = False) -> dict:  # fmt: skip
+    """A small toy run of a plain Trainer (none of `drifting fit`'s additions but new ``callbacks``) that keeps
+    ``folder/last.ckpt``, resumed from that file when ``resume``: the checkpoint it ends with."""
+    pl.seed_everything(0)
+    module = DriftingModule(generator(hidden=[16]), generated_per_group=8)
+    checkpoint = ModelCheckpoint(dirpath=folder, filename="last", enable_version_counter=False)
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[checkpoint, *(c() for c in callbacks)])  # fmt: skip
+    data = ToyDataModule(positives_per_step=8, steps_per_epoch=steps_per_epoch)
+    trainer.fit(module, data, ckpt_path=folder / "last.ckpt" if resume else None)
+    return load(folder / "last.ckpt")
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return all(torch.equal(value, b["state_dict"][key]) for key, value in a["state_dict"].items())
+
+
 def test_training_rng_continues_the_global_random_stream(tmp_path: Path):
     """7 steps straight vs 4 + resume (epochs of 3 steps: DataLoader iterators draw from the global RNG at every
     epoch start): the same weights with TrainingRNG, different ones without it."""
-
-    def fit(steps: int, folder: str, rng: bool, resume: bool = False) -> dict[str, torch.Tensor]:
-        pl.seed_everything(0)
-        module = DriftingModule(_DropoutMLP(hidden=[16]), generated_per_group=8)
-        callbacks = [ModelCheckpoint(dirpath=tmp_path / folder, filename="last", enable_version_counter=False)]
-        if rng:
-            callbacks.append(TrainingRNG())
-        trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
-                             enable_model_summary=False, callbacks=callbacks)  # fmt: skip
-        data = ToyDataModule(positives_per_step=8, steps_per_epoch=3)
-        trainer.fit(module, data, ckpt_path=tmp_path / folder / "last.ckpt" if resume else None)
-        return module.state_dict()
-
     for rng in (True, False):
-        straight = fit(7, f"straight-{rng}", rng)
-        fit(4, f"resumed-{rng}", rng)
-        resumed = fit(7, f"resumed-{rng}", rng, resume=True)
-        same = all(torch.equal(straight[k], resumed[k]) for k in straight)
-        assert same is rng
+        callbacks = [TrainingRNG] if rng else []
+        straight = fit_toy(tmp_path / f"straight-{rng}", 7, 3, _DropoutMLP, callbacks)
+        fit_toy(tmp_path / f"resumed-{rng}", 4, 3, _DropoutMLP, callbacks)
+        resumed = fit_toy(tmp_path / f"resumed-{rng}", 7, 3, _DropoutMLP, callbacks, resume=True)
+        assert same_weights(straight, resumed) is rng
+
+
+def test_checkpoints_between_epochs_resume_at_the_next_epoch(tmp_path: Path):
+    """ModelCheckpoint writes last.ckpt at every epoch end. 5 steps (one whole epoch) + resume to 12 equals 12 straight
+    steps when EpochBoundaryResume closes the epoch in the checkpoint, at saving or at loading; Lightning alone
+    resumes inside the finished epoch (one more step there, with batch_idx 5) and the runs diverge."""
+    straight = fit_toy(tmp_path / "straight", 12, 5, MLPGenerator, [])
+    for saved_with, loaded_with in ((True, False), (False, True), (False, False)):
+        folder = tmp_path / f"saved-{saved_with}-loaded-{loaded_with}"
+        fit_toy(folder, 5, 5, MLPGenerator, [EpochBoundaryResume] if saved_with else [])
+        resumed = fit_toy(folder, 12, 5, MLPGenerator, [EpochBoundaryResume] if loaded_with else [], resume=True)
+        assert same_weights(straight, resumed) is (saved_with or loaded_with), folder.name
+        if saved_with or loaded_with:
+            assert_same_training_state(straight, resumed)
+
+
+class SigtermAtFirstCheckpoint(Callback):
+    """SIGTERM to this process while the first last.ckpt (end of epoch 0, step 5) is being written: where the signal
+    of the SIGTERM tests lands when the machine is loaded (they send it once that file exists), without the timing.
+    Lightning then stops after the epoch rather than after a step."""
+
+    def __init__(self) -> None:
+        self.sent = False
+
+    def on_save_checkpoint(self, *args) -> None:
+        if not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_at_an_epoch_end_saves_a_checkpoint_that_resumes_exactly(tmp_path: Path):
+    """The flake of the SIGTERM tests, made deterministic: a stop at the end of epoch 0 (step 5), `--ckpt_path last`
+    to step 12, and 12 uninterrupted steps are bitwise the same (before EpochBoundaryResume the resumed run trained a
+    sixth step in epoch 0 and diverged)."""
+    signal_at_epoch_end = "--trainer.callbacks+=tests.integration.test_resume.SigtermAtFirstCheckpoint"
+    killed = run_drifting(*toy(tmp_path / "killed", 1000, signal_at_epoch_end))
+    run = tmp_path / "killed" / "toy" / "version_0"
+    last = run / "checkpoints" / "last.ckpt"
+    assert killed.returncode == 143, killed.stderr[-3000:]
+    assert f"SIGTERM received: stopped after step 5, saved {last}" in killed.stderr
+    assert load(last)["ToyDataModule"] == {"epoch": 1}
+    assert_resuming_to_12_is_exact(tmp_path / "killed", tmp_path / "straight")
 
 
 class PauseEachStep(Callback):
@@ -184,19 +245,15 @@ def _stop_after_first_checkpoint(save_dir: Path, signum: int) -> tuple[Path, str
 
 def test_sigterm_mid_run_saves_a_checkpoint_that_resumes_exactly(tmp_path: Path):
     """SIGTERM to a running `drifting fit` (SLURM preemption): exit 143, an intact last.ckpt at the step it stopped;
-    `--ckpt_path last` to step 12 then equals 12 uninterrupted steps bit for bit, loss curve included."""
+    `--ckpt_path last` to step 12 then equals 12 uninterrupted steps bit for bit, loss curve included. The signal
+    usually stops the run after step 6 or 7; on a loaded machine it can land while epoch 0 ends, the case that
+    test_sigterm_at_an_epoch_end_saves_a_checkpoint_that_resumes_exactly makes certain."""
     run, err = _stop_after_first_checkpoint(tmp_path / "killed", signal.SIGTERM)
     last = run / "checkpoints" / "last.ckpt"
     stopped = AtomicCheckpointIO().load_checkpoint(last, weights_only=True)["global_step"]  # verified, then loaded
     assert 5 <= stopped < 12, "the signal should stop the run within a step or two of step 5"
     assert f"SIGTERM received: stopped after step {stopped}, saved {last}" in err and "Traceback" not in err
-    resumed = run_drifting(*toy(tmp_path / "killed", 12, "--ckpt_path", "last"))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    straight = run_drifting(*toy(tmp_path / "straight", 12))
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    straight_run = tmp_path / "straight" / "toy" / "version_0"
-    assert_same_training_state(load(straight_run / "checkpoints" / "last.ckpt"), load(last))
-    assert losses(run) == losses(straight_run) and len(losses(run)) == 12
+    assert_resuming_to_12_is_exact(tmp_path / "killed", tmp_path / "straight")
 
 
 def test_ctrl_c_stops_after_the_step_with_a_checkpoint(tmp_path: Path):
