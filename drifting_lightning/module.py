@@ -38,8 +38,9 @@ class DriftingModule(pl.LightningModule):
     (default Identity: raw samples as one vector); guidance: alpha sampler used when batches carry unconditional
     negatives (PAPER.md 5). generated_per_group: N_neg, generated samples per class group.
     Optimiser: AdamW(lr, betas, weight_decay), linear warmup over ``warmup_steps`` then constant (paper Table 8).
-    ema_decay: EMA of the generator, used for ``sample`` and evaluation. vae: local path (or, with vae_allow_hub, a hub
-    id) of the VAE whose latents the generator makes: ``decoder`` (None for a pixel run) decodes them for metrics.
+    ema_decay: EMA of the generator, updated after every optimiser step that is not skipped, used for ``sample`` and
+    evaluation. vae: local path (or, with vae_allow_hub, a hub id) of the VAE whose latents the generator makes:
+    ``decoder`` (None for a pixel run) decodes them for metrics.
     nonfinite: "stop" (save ``nonfinite-step<k>.ckpt`` with the last finite weights and raise) or "skip" (skip the
     step) on a NaN/Inf loss or gradient (gradients are checked before clipping, except under 16-mixed, whose gradient
     scaler skips such steps itself). Under "skip", ``max_consecutive_skips`` skipped steps in a row stop the run as
@@ -223,6 +224,11 @@ class DriftingModule(pl.LightningModule):
             super().optimizer_step(*args, **kwargs)
         except torch.OutOfMemoryError as err:
             raise torch.OutOfMemoryError(self._oom_advice(err)) from err
+        # The EMA follows optimiser steps (once per accumulated batch; a skipped step leaves it), and it is updated
+        # here rather than in on_train_batch_end: Lightning runs the callbacks' on_train_batch_end, where
+        # ModelCheckpoint(every_n_train_steps) saves, before the module's, and a checkpoint must hold its step's EMA.
+        if not self._skipped:
+            self._update_ema()
 
     def _oom_advice(self, err: BaseException) -> str:
         groups, n_pos, n_unc = self._step_sizes
@@ -271,7 +277,6 @@ class DriftingModule(pl.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not self._skipped:
             self._skips_in_a_row = 0
-        self._update_ema()
         elapsed = time.perf_counter() - self._step_started
         if elapsed > 0:
             per_step = batch["positives"].shape[0] * self.hparams.generated_per_group

@@ -57,16 +57,51 @@ def test_nonfinite_loss_stops_with_step_stats_and_a_checkpoint(tmp_path: Path):
 
 def test_nonfinite_loss_skip_policy_skips_the_step(tmp_path: Path):
     module = DriftingModule(_NaNGenerator(), generated_per_group=8, nonfinite="skip")
+    with torch.no_grad():  # an EMA apart from the weights, which an update would move
+        torch._foreach_add_(list(module.ema_generator.parameters()), 1.0)
     before = [p.detach().clone() for p in module.generator.parameters()]
+    ema = [p.detach().clone() for p in module.ema_generator.parameters()]
     batch = {"positives": torch.randn(1, 8, 2)}
     _trainer(tmp_path, 2).fit(module, DataLoader(_Batches(batch, 2), batch_size=None))
     assert all(torch.equal(a, b) for a, b in zip(module.generator.parameters(), before))
+    assert all(torch.equal(a, b) for a, b in zip(module.ema_generator.parameters(), ema))
 
 
 class _Steps(IterableDataset):
+    def __init__(self, steps: int = 2) -> None:
+        self.steps = steps
+
     def __iter__(self):
-        for _ in range(2):
+        for _ in range(self.steps):
             yield {"positives": torch.randn(1, 8, 2)}
+
+
+class _WeightsAfterSteps(pl.Callback):
+    """The generator's weights after each optimiser step (the last batch of each accumulation)."""
+
+    def __init__(self, accumulate: int) -> None:
+        self.accumulate, self.weights = accumulate, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if (batch_idx + 1) % self.accumulate == 0:
+            self.weights.append([p.detach().clone() for p in pl_module.generator.parameters()])
+
+
+def test_ema_follows_optimiser_steps_under_gradient_accumulation(tmp_path: Path):
+    """4 batches accumulated 2 by 2 are 2 optimiser steps, so 2 EMA updates, each toward that step's weights."""
+    torch.manual_seed(0)
+    module = DriftingModule(MLPGenerator(hidden=[16]), generated_per_group=8, lr=1e-2, ema_decay=0.5)
+    expected = [p.detach().clone() for p in module.ema_generator.parameters()]
+    steps = _WeightsAfterSteps(accumulate=2)
+    trainer = pl.Trainer(max_steps=2, accumulate_grad_batches=2, accelerator="cpu", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path, callbacks=[steps])  # fmt: skip
+    trainer.fit(module, DataLoader(_Steps(4), batch_size=None))
+    assert trainer.global_step == 2 and len(steps.weights) == 2
+    assert not any(torch.equal(a, b) for a, b in zip(*steps.weights))  # both steps moved every weight
+    for weights in steps.weights:
+        torch._foreach_lerp_(expected, weights, 0.5)
+    assert all(torch.equal(a, b) for a, b in zip(module.ema_generator.parameters(), expected))
 
 
 def test_trainer_resume_with_another_model_config_is_refused_before_loading(tmp_path: Path):

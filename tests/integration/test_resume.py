@@ -147,12 +147,14 @@ class _DropoutMLP(MLPGenerator):
 
 
 def fit_toy(folder: Path, steps: int, steps_per_epoch: int, generator: type[MLPGenerator],
-            callbacks: list[type[Callback]], resume: bool = False) -> dict:  # fmt: skip
+            callbacks: list[type[Callback]], resume: bool = False, every_n_train_steps: int | None = None) -> dict:
     """A small toy run of a plain Trainer (none of `drifting fit`'s additions but new ``callbacks``) that keeps
-    ``folder/last.ckpt``, resumed from that file when ``resume``: the checkpoint it ends with."""
+    ``folder/last.ckpt`` (written at every epoch end, or instead every ``every_n_train_steps`` steps), resumed from
+    that file when ``resume``: the checkpoint it ends with."""
     pl.seed_everything(0)
     module = DriftingModule(generator(hidden=[16]), generated_per_group=8)
-    checkpoint = ModelCheckpoint(dirpath=folder, filename="last", enable_version_counter=False)
+    checkpoint = ModelCheckpoint(dirpath=folder, filename="last", enable_version_counter=False,
+                                 every_n_train_steps=every_n_train_steps)  # fmt: skip
     trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=[checkpoint, *(c() for c in callbacks)])  # fmt: skip
     data = ToyDataModule(positives_per_step=8, steps_per_epoch=steps_per_epoch)
@@ -187,6 +189,32 @@ def test_checkpoints_between_epochs_resume_at_the_next_epoch(tmp_path: Path):
         assert same_weights(straight, resumed) is (saved_with or loaded_with), folder.name
         if saved_with or loaded_with:
             assert_same_training_state(straight, resumed)
+
+
+class FinalEMA(Callback):
+    """Keeps the module's EMA weights as the fit ends (after every hook of its last step)."""
+
+    weights: dict[str, torch.Tensor] = {}
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        FinalEMA.weights = {k: v.clone() for k, v in pl_module.ema_generator.state_dict().items()}
+
+
+def test_step_checkpoints_hold_the_ema_of_their_step_and_resume_exactly(tmp_path: Path):
+    """ModelCheckpoint(every_n_train_steps) saves in its on_train_batch_end, which Lightning calls before the module's
+    hooks: the EMA must be updated by then. The step-4 checkpoint (inside an epoch of 5) holds the EMA the module ends
+    step 4 with, and 4 steps + resume to 12 equal 12 straight steps, EMA included (before, it was one update behind)."""
+    straight = fit_toy(tmp_path / "straight", 12, 5, MLPGenerator, [], every_n_train_steps=4)
+    folder = tmp_path / "resumed"
+    first = fit_toy(folder, 4, 5, MLPGenerator, [FinalEMA], every_n_train_steps=4)
+    assert first["global_step"] == 4
+    assert FinalEMA.weights.keys() == {k.removeprefix("ema_generator.") for k in first["state_dict"]
+                                       if k.startswith("ema_generator.")}  # fmt: skip
+    for key, value in FinalEMA.weights.items():
+        assert torch.equal(first["state_dict"][f"ema_generator.{key}"], value), key
+    resumed = fit_toy(folder, 12, 5, MLPGenerator, [], resume=True, every_n_train_steps=4)
+    assert resumed["global_step"] == 12
+    assert_same_training_state(straight, resumed)
 
 
 class SigtermAtFirstCheckpoint(Callback):
