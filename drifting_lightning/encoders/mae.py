@@ -183,8 +183,10 @@ class MAEPretraining(pl.LightningModule):
             self.log_images(out["x"], out["pred"], out["mask"])
         return out["loss"]
 
-    @torch.no_grad()
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Once per optimiser step, and before any on_train_batch_end: Lightning runs the callbacks' (where
+        # ModelCheckpoint(every_n_train_steps) saves) before the module's, and a checkpoint must hold its step's EMA.
         self.update_ema()
 
     @torch.no_grad()

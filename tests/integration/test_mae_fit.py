@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, Dataset
 
@@ -59,3 +60,20 @@ def test_lightning_checkpoint_loads_into_resnet_mae(tmp_path):
     assert exported.arch == TINY
     for k, v in exported.encoder.state_dict().items():
         assert torch.equal(v, ema[k]), k
+
+
+def test_step_checkpoints_hold_the_ema_of_their_step(tmp_path):
+    """ModelCheckpoint(every_n_train_steps) saves in its on_train_batch_end, which Lightning calls before the module's:
+    the step-2 checkpoint must hold the EMA encoder the module ends step 2 with, not the one of step 1."""
+    torch.manual_seed(0)
+    module = MAEPretraining(TINY, num_classes=3, warmup_steps=0, ema_decay=0.5, log_images_every_n_steps=0)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="step", every_n_train_steps=2)
+    trainer = Trainer(max_steps=2, accelerator="cpu", logger=False, callbacks=[checkpoint], enable_progress_bar=False,
+                      enable_model_summary=False)  # fmt: skip
+    trainer.fit(module, DataLoader(_GroupedBatches(), batch_size=None))
+    saved = torch.load(tmp_path / "step.ckpt", map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 2
+    ema = module.ema_encoder.state_dict()
+    assert any(not torch.equal(ema[k], v) for k, v in module.model.encoder.state_dict().items())  # the EMA lags
+    for k, v in ema.items():
+        assert torch.equal(saved["state_dict"][f"ema_encoder.{k}"], v), k
