@@ -15,6 +15,7 @@ docstring is where the memory budget is explained; everything here runs in float
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -24,7 +25,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from drifting_lightning.drift.chunks import Chunk, RowWalk
+from drifting_lightning.drift.chunks import Chunk, RowWalk, Workspace
 from drifting_lightning.drift.fields import DriftField, MeanShift
 from drifting_lightning.drift.functional import is_temperature, mask_self_pairs
 from drifting_lightning.drift.kernels import Kernel, Laplace
@@ -134,6 +135,7 @@ class DriftingLoss(nn.Module):
         self.distributed_statistics = distributed_statistics
         self.max_chunk_elements = max_chunk_elements
         self.mask_self = mask_self
+        self._cpu_workspaces: dict[int, Workspace] = {}
 
     def extra_repr(self) -> str:
         return (
@@ -163,9 +165,11 @@ class DriftingLoss(nn.Module):
         if not gen:
             raise ValueError("no features given to DriftingLoss")
         losses, sq_norms, stats = [], [], {}
+        # One for every feature (they run one after the other). On the CPU it outlives the call (see _workspace_for).
+        workspace = self._workspace_for(next(iter(gen.values())).device)
         for name in gen:
             loss, st, rows = self._feature_loss(name, gen[name], pos[name], None if neg is None else neg[name],
-                                                neg_weights)
+                                                neg_weights, workspace)
             sq_norm = st.raw_sq.sum(1) / rows  # mean ||V_tau||^2 over this rank's generated samples
             losses.append(loss)
             sq_norms.append(sq_norm)
@@ -176,23 +180,40 @@ class DriftingLoss(nn.Module):
             stats[f"{name}/loss"] = loss.detach()
         return DriftLossOutput(sum(losses[1:], losses[0]), sum(sq_norms[1:], sq_norms[0]), stats)
 
+    def _workspace_for(self, device: torch.device) -> Workspace:
+        """The CPU workspace lives as long as the loss: a step's buffers are then already faulted in for the next
+        step (drift/chunks.py), at the price of holding them between steps (at most the chunk budget plus the kept
+        matrices, which every step needs anyway while the generator's activations are alive). On a GPU the caching
+        allocator already reuses memory, so a new workspace per call returns it to the allocator at the end."""
+        if device.type != "cpu":
+            return Workspace()
+        # one per thread: a loss shared by threads (e.g. ranks simulated as threads) must not share buffers
+        return self._cpu_workspaces.setdefault(threading.get_ident(), Workspace())
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_cpu_workspaces"] = {}  # buffers, not state: a copy or a pickle starts without them
+        return state
+
     def _feature_loss(
-        self, name: str, gen: Tensor, pos: Tensor, neg: Tensor | None, neg_weights: Tensor | None
+        self, name: str, gen: Tensor, pos: Tensor, neg: Tensor | None, neg_weights: Tensor | None,
+        workspace: Workspace,
     ) -> tuple[Tensor, _Statistics, int]:
         """One feature's loss, its statistics and its number of generated samples (rows x N)."""
         weights = _check(name, gen, pos, neg, neg_weights)
         parts = [_locations(t) for t in ([gen.detach(), pos] if neg is None else [gen.detach(), neg, pos])]
-        walk = RowWalk(parts, weights, self.statistics == "group", self.max_chunk_elements, len(self.temperatures))
+        walk = RowWalk(parts, weights, self.statistics == "group", self.max_chunk_elements, len(self.temperatures),
+                       workspace)
         need_grad = gen.requires_grad and torch.is_grad_enabled()
         with torch.no_grad(), torch.autocast(gen.device.type, enabled=False):
             st = self._feature_scale(walk)  # A.6
-            fields = self._fields(walk, st) if self.drift_normalization or walk.keep_fields else None
+            keep = walk.keep_fields or walk.keep_coefficients
+            kept = self._fields(walk, st) if self.drift_normalization or keep else None
             if self.drift_normalization:
                 st.lam = self._drift_normalisation(walk, st)  # A.6
             factor = 1 / (st.s_in * st.lam)  # [temperatures, groups]: V_tau -> V_tau / (s_in lambda_tau)
             force = torch.empty_like(gen, dtype=torch.float32) if need_grad else None
-            f_sq = self._force(walk, st, factor, fields, force)
-            walk.release()
+            f_sq = self._force(walk, st, factor, kept, force)
             numel = gen.numel()
             # Table 8: sum_tau mean(V~_tau^2), one MSE per temperature; authors' code: mean(F^2), one MSE against
             # the summed field. Both have the gradient of the latter: d/dgen = -2 F / (s_in numel).
@@ -205,18 +226,19 @@ class DriftingLoss(nn.Module):
         """A.6: S = weighted mean distance of the generated samples to all targets (under stop-gradient, from the
         batch), s_in = max(S / sqrt(C), 1e-3) the scale the features are divided by. Pass 1 over the rows."""
         n_stats = walk.g if walk.per_group else 1
-        device = walk.parts[0].device
-        ones = torch.ones(n_stats, device=device)
-        lam = torch.ones(len(self.temperatures), n_stats, device=device)
+        ones = torch.ones(n_stats, device=walk.device)
+        lam = torch.ones(len(self.temperatures), n_stats, device=walk.device)
         raw_sq = torch.zeros_like(lam)
         if not self.feature_normalization:
             return _Statistics(ones, ones, lam, raw_sq)
         dw_sum, w_sum = torch.zeros_like(ones), torch.zeros_like(ones)
         for ch in walk.chunks():
-            column_sums = ch.distances.sum(1)  # [rows, T]
-            w = column_sums.new_ones(1, walk.t) if ch.weights is None else ch.weights
-            dw_sum.index_add_(0, ch.stat_ids, (column_sums * w).sum(-1))
-            w_sum.index_add_(0, ch.stat_ids, w.sum(-1).expand(len(ch.stat_ids)) * walk.n)
+            if ch.weights is None:
+                dw_sum.index_add_(0, ch.stat_ids, ch.distances.sum((1, 2)))
+                w_sum.index_add_(0, ch.stat_ids, torch.full_like(ch.stat_ids, walk.t * walk.n, dtype=torch.float32))
+            else:  # one product with the weights reads each distance once
+                dw_sum.index_add_(0, ch.stat_ids, torch.bmm(ch.distances, ch.weights.unsqueeze(-1)).sum((1, 2)))
+                w_sum.index_add_(0, ch.stat_ids, ch.weights.sum(-1) * walk.n)
         dw_sum, w_sum = self._reduce(dw_sum, w_sum)
         scale = dw_sum / w_sum
         return _Statistics(scale, (scale / math.sqrt(walk.c)).clamp_min(1e-3), lam, raw_sq)
@@ -227,72 +249,90 @@ class DriftingLoss(nn.Module):
         sq, counts = self._reduce(st.raw_sq, counts)
         return (sq / (counts * st.s_in.square())).clamp_min(1e-8).sqrt()
 
-    def _coefficients(self, walk: RowWalk, ch: Chunk, st: _Statistics) -> Iterator[Tensor]:
-        """Alg. 2 per temperature: W_tau [rows, N, T] with V_tau = W_tau @ Y - rowsum(W_tau) x, in feature units.
+    def _coefficients(self, walk: RowWalk, ch: Chunk, st: _Statistics, out: Tensor | None = None) -> Iterator[Tensor]:
+        """Alg. 2 per temperature: W_tau [rows, N, T] with V_tau = W_tau @ Y in feature units (``_fold``), in
+        ``out[k]`` for temperature k when given, else in one reused workspace matrix.
 
         A.6 divides distances by S; kernels depend on d / tau only, so k(d / S, tau) = k(d, tau S): no normalised
-        copy of the distances. Each W is the kernel's logits, turned into coefficients in place by the field."""
+        copy of the distances. Each W is the kernel's logits, turned into coefficients in place by the field. The
+        field may use each row's and column's largest logit: kernels fall with distance, so they are the logits of
+        the smallest distances, found once for every temperature."""
         d_div = _per_row(st.scale.clamp_min(1e-3), ch)
-        for tau in self.temperatures:
-            logits = self.kernel.logits(ch.distances, d_div * tau)
-            if self.mask_self and self.field.masks_self:
+        masked = self.mask_self and self.field.masks_self
+        minima = _distance_minima(ch.distances, walk.n, masked) if self._wants_maxima(walk) else None
+        for k, tau in enumerate(self.temperatures):
+            buffer = out[k] if out is not None else walk.workspace.take("logits", ch.distances.shape, walk.device)
+            if minima is None:
+                logits, maxima = self.kernel.logits(ch.distances, d_div * tau, out=buffer), None
+            else:  # relative to each row's largest, as the field asks when it takes the maxima
+                logits = self.kernel.relative_logits(ch.distances, d_div * tau, minima[0], out=buffer)
+                maxima = tuple(self.kernel.logits(m, d_div * tau) for m in minima)
+            if masked:
                 mask_self_pairs(logits)
-            yield self.field.coefficients(logits, walk.n_neg, ch.weights)
+            coef, row_sums = self.field.coefficients_and_row_sums(logits, walk.n_neg, ch.weights, maxima)
+            yield _fold(coef, row_sums, walk.n)
 
-    def _fields(self, walk: RowWalk, st: _Statistics) -> list[list[Tensor]] | None:
-        """Pass 2: every temperature's V per chunk, its sum of squares into ``st.raw_sq``; kept for the force when
-        ``walk.keep_fields`` (else None, and the force pass recomputes them): the fields themselves, or their
-        coefficients W (folded by ``_field``) when ``walk.keep_coefficients`` (T < C: W [rows, N, T] is the smaller,
-        and the force then needs one product of their weighted sum instead of a pass over every V)."""
-        kept: list[list[Tensor]] = []
+    def _wants_maxima(self, walk: RowWalk) -> bool:
+        return walk.device.type == "cpu" and self.field.uses_logit_maxima
+
+    def _fields(self, walk: RowWalk, st: _Statistics) -> Tensor | None:
+        """Pass 2: every temperature's V per chunk and its sum of squares into ``st.raw_sq``. Returns what the force
+        needs kept ([temperatures, R, N, C or T], else None: the force pass recomputes them): the fields
+        themselves when ``walk.keep_fields``, or their coefficients W when ``walk.keep_coefficients`` (the force
+        is then one product of their weighted sum)."""
+        kept = None
+        if walk.keep_fields or walk.keep_coefficients:
+            size = walk.c if walk.keep_fields else walk.t
+            kept = walk.workspace.take("kept_fields", (len(self.temperatures), walk.rows, walk.n, size), walk.device)
         for ch in walk.chunks():
-            fields = []
-            for k, coef in enumerate(self._coefficients(walk, ch, st)):
-                v = _field(coef, ch.targets, walk.n)
+            coef_out = kept[:, ch.rows] if walk.keep_coefficients else None
+            for k, coef in enumerate(self._coefficients(walk, ch, st, coef_out)):
+                v_shape = (len(ch.stat_ids), walk.n, walk.c)
+                v_out = kept[k, ch.rows] if walk.keep_fields else walk.workspace.take("field", v_shape, walk.device)
+                v = torch.bmm(coef, ch.targets, out=v_out)
                 st.raw_sq[k].index_add_(0, ch.stat_ids, _sq_norms(v))
-                if walk.keep_fields:
-                    fields.append(coef if walk.keep_coefficients else v)
-                del coef, v  # before the next temperature's logits exist
-            kept.append(fields)
-        return kept if walk.keep_fields else None
+        return kept
 
     def _force(
-        self, walk: RowWalk, st: _Statistics, factor: Tensor, fields: list[list[Tensor]] | None, force: Tensor | None
+        self, walk: RowWalk, st: _Statistics, factor: Tensor, kept: Tensor | None, force: Tensor | None
     ) -> Tensor:
         """F = sum_tau V_tau / (s_in lambda_tau) into ``force`` (gen's shape; None: value only); returns sum F^2.
 
-        From the kept fields, from the kept coefficients or in one more pass: V is linear in W, so
-        F = (sum_tau W_tau factor_tau) @ Y - rowsum(...) x, one product per chunk. That pass also sums each V_tau^2
-        when pass 2 did not run."""
-        f_sq = torch.zeros((), device=walk.parts[0].device)
+        From the kept fields (their weighted sum, written in gen's layout), else in one product per chunk: V is
+        linear in W, so F = (sum_tau W_tau factor_tau) @ Y, from the kept coefficients or recomputed ones (that
+        pass also sums each V_tau^2 when pass 2 did not run)."""
+        f_sq = torch.zeros((), device=walk.device)
         force_loc = None if force is None else _locations(force)
-        from_coefficients = fields is None or walk.keep_coefficients
-        for i, ch in enumerate(walk.chunks(data=from_coefficients)):
-            if not from_coefficients:
-                vs = fields[i]
-                f_c = vs[0].mul_(_per_row(factor[0], ch))
+        for ch in walk.chunks(data=not walk.keep_fields):
+            rows = (len(ch.stat_ids), walk.n, walk.c)
+            if walk.keep_fields:
+                vs = kept[:, ch.rows]
+                region = walk.workspace.take("field", rows, walk.device) if force_loc is None else None
+                f_c = walk.in_layout(region, ch) if region is not None else force_loc[ch.groups, :, ch.locs]
+                torch.mul(walk.in_layout(vs[0], ch), _per_row_in_layout(factor[0], walk, ch), out=f_c)
                 for k in range(1, len(vs)):
-                    f_c.addcmul_(vs[k], _per_row(factor[k], ch))
-                vs.clear()
+                    f_c.addcmul_(walk.in_layout(vs[k], ch), _per_row_in_layout(factor[k], walk, ch))
+                f_sq += torch.linalg.vector_norm(f_c).square()
+                continue
+            if walk.keep_coefficients:
+                ws = kept[:, ch.rows]
+                w_sum = ws[0].mul_(_per_row(factor[0], ch))
+                for k in range(1, len(ws)):
+                    w_sum.addcmul_(ws[k], _per_row(factor[k], ch))
             else:
-                w_sum = None
-                coefs = self._coefficients(walk, ch, st) if fields is None else fields[i]
-                for k, coef in enumerate(coefs):
-                    if fields is None and not self.drift_normalization:  # the statistics need each V_tau
-                        # _field folds -rowsum(W) into W's diagonal, which leaves W's rows summing to 0: the folded
-                        # W still sums into the same force, so no copy of it is needed
-                        st.raw_sq[k].index_add_(0, ch.stat_ids, _sq_norms(_field(coef, ch.targets, walk.n)))
+                w_sum = walk.workspace.take("coefficient_sum", ch.distances.shape, walk.device)
+                for k, coef in enumerate(self._coefficients(walk, ch, st)):
+                    if not self.drift_normalization:  # the statistics need each V_tau
+                        v = torch.bmm(coef, ch.targets, out=walk.workspace.take("field", rows, walk.device))
+                        st.raw_sq[k].index_add_(0, ch.stat_ids, _sq_norms(v))
                     f_rows = _per_row(factor[k], ch)
-                    w_sum = coef.mul_(f_rows) if w_sum is None else w_sum.addcmul_(coef, f_rows)
-                    del coef
-                if fields is not None:
-                    fields[i].clear()
-                f_c = _field(w_sum, ch.targets, walk.n)
-                del w_sum
+                    torch.mul(coef, f_rows, out=w_sum) if k == 0 else w_sum.addcmul_(coef, f_rows)
+            direct = force_loc is not None and walk.loc == 1  # the chunk's rows are a slice of the force itself
+            out = force_loc[ch.groups, :, 0] if direct else walk.workspace.take("field", rows, walk.device)
+            f_c = torch.bmm(w_sum, ch.targets, out=out)
             f_sq += _sq_norms(f_c).sum()
-            if force_loc is not None:
+            if force_loc is not None and not direct:
                 walk.scatter(force_loc, ch, f_c)
-            del f_c
         return f_sq
 
     def _reduce(self, *sums: Tensor) -> tuple[Tensor, ...]:
@@ -312,11 +352,26 @@ def _per_row(values: Tensor, ch: Chunk) -> Tensor:
     return values[0] if len(values) == 1 else values[ch.stat_ids, None, None]
 
 
-def _field(coef: Tensor, y: Tensor, n: int) -> Tensor:
-    """V = W @ Y - rowsum(W) x [rows, N, C] as ONE product (overwrites ``coef``): the first N targets are the
+def _per_row_in_layout(values: Tensor, walk: RowWalk, ch: Chunk) -> Tensor:
+    """``_per_row`` for a chunk's region of the features [groups, N, locs, C]."""
+    if len(values) == 1:
+        return values[0]
+    return values[ch.stat_ids].view(ch.groups.stop - ch.groups.start, 1, ch.locs.stop - ch.locs.start, 1)
+
+
+def _fold(coef: Tensor, row_sums: Tensor, n: int) -> Tensor:
+    """W with V = W @ Y - rowsum(W) x turned into V = W' @ Y, ONE product (in place): the first N targets are the
     generated samples x themselves, so -rowsum(W) joins the diagonal of W's generated block."""
-    coef[..., :n].diagonal(dim1=-2, dim2=-1).sub_(coef.sum(-1))
-    return torch.bmm(coef, y)
+    coef[..., :n].diagonal(dim1=-2, dim2=-1).sub_(row_sums.squeeze(-1))
+    return coef
+
+
+def _distance_minima(d: Tensor, n: int, masked: bool) -> tuple[Tensor, Tensor]:
+    """Each row's and column's smallest distance ([rows, N, 1], [rows, 1, T]), self-pairs left out when
+    ``masked``: their distance becomes +inf for good (the mask overwrites their logits anyway)."""
+    if masked:
+        d[:, :, :n].diagonal(dim1=1, dim2=2).fill_(math.inf)
+    return d.amin(-1, keepdim=True), d.amin(-2, keepdim=True)
 
 
 def _as_dict(x: Tensor | FeatureDict) -> dict[str, Tensor]:

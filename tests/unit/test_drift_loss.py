@@ -293,9 +293,10 @@ class _ShapeSpy(Laplace):
     def __init__(self):
         self.shapes = []
 
-    def logits(self, distance, temperature):
-        self.shapes.append(tuple(distance.shape))
-        return super().logits(distance, temperature)
+    def logits(self, distance, temperature, out=None):
+        if distance.shape[-2:] != (1, 1) and 1 not in distance.shape[-2:]:  # not the row / column minima
+            self.shapes.append(tuple(distance.shape))
+        return super().logits(distance, temperature, out=out)
 
 
 @pytest.mark.parametrize("loc", [None, 4])
