@@ -12,17 +12,16 @@ coefficients when the force needs a pass of its own, plus (T + N) C float32 valu
 4 B x rows x (3 N T + (T + N) C). Beyond the chunks the loss holds one float32 force buffer the size of the
 generated features (it becomes the gradient in place) and per-row vectors. What may outlive a chunk, to save
 recomputation:
-- every row's distances (one product per pass saved), when R N T <= max_chunk_elements or there is no bound;
+- every row's distances (one product per pass saved) when R N T <= max_chunk_elements, and every row's targets
+  (one layout copy per pass saved) when R T C <= max_chunk_elements, or there is no bound;
 - every temperature's field V (no third pass: the force is their weighted sum) when len(taus) R N C fits the
-  bound, else their coefficients W when len(taus) R N T does (the force is then one product of their weighted
-  sum): at most max_chunk_elements more float32 values.
-The targets are never kept: rebuilding a chunk's from the inputs is a copy, cheaper than the fresh pages that
-holding every row's would cost.
-
-Chunk temporaries live in a ``Workspace``: buffers that the first chunk allocates and every later chunk (and every
-later feature of the same loss call) reuses. On the CPU a fresh buffer of this size costs more than the arithmetic
-done in it: the allocator returns large blocks to the OS when they are freed, so each new one is faulted in page by
-page (on a 2-core Xeon, filling a fresh 150 MB buffer took 66 ms against 19 ms for a reused one).
+  bound (and T >= C or they are few, ``CACHED_FIELDS_ELEMENTS``), else their coefficients W when len(taus) R N T
+  does (the force is then one product of their weighted sum): at most max_chunk_elements more float32 values.
+Chunk temporaries and kept matrices live in a ``Workspace``: buffers that the first chunk allocates and every later
+chunk (and every later feature) reuses; on the CPU the loss keeps its workspace from one call to the next
+(``DriftingLoss._workspace_for``). A fresh buffer of this size costs more than the arithmetic done in it: the C
+allocator returns large blocks to the OS when they are freed, so each new one is faulted in page by page (on a
+2-core Xeon, filling a fresh 150 MB buffer took 66 ms against 19 ms for a reused one).
 Without a bound, chunks on the CPU hold ``CACHE_ELEMENTS`` (the matrix passes then stay near the cache); on a GPU
 one chunk holds every row (fewer, larger kernels).
 """
@@ -42,6 +41,11 @@ LIVE_MATRICES = 3
 # (benchmarks/drift_loss.py shapes, one thread): below 2**17 the per-operation overhead of small chunks dominates
 # (2**14: 3-4x slower), and whole matrices of 4096 rows stream from memory (1.3x slower than 2**20).
 CACHE_ELEMENTS = 2**20
+# Kept fields V up to this many elements (16 MiB) stay near the cache, so they are kept even when their
+# coefficients would be smaller (T < C). Measured on a 2-core Xeon, one thread: keeping V at G = 64, N = 64, T = 144,
+# C = 256 (12 MiB) 37 ms against 41 ms for W; at C = 1024 (48 MiB) 106 ms against 100 ms, and 662 ms against 605 ms
+# at L = 16 locations, C = 256 (192 MiB).
+CACHED_FIELDS_ELEMENTS = 2**22
 # Up to this many channels, distances come from per-channel differences (exact) instead of the matrix product.
 DIRECT_CHANNELS = 8
 
@@ -106,8 +110,10 @@ class RowWalk:
             per_chunk = min(per_chunk, max(1, bound // (n * t)))
         self.spans = spans(g, loc, per_chunk)
         fits = lambda elements: bound is None or elements <= bound  # noqa: E731
-        self.keep_fields = fits(n_fields * self.rows * n * c)
-        self.keep_coefficients = not self.keep_fields and fits(n_fields * self.rows * n * t)
+        fields, coefficients = n_fields * self.rows * n * c, n_fields * self.rows * n * t
+        # kept W cost one more product but less memory traffic than kept V when T < C, unless V stay in the cache
+        self.keep_fields = fits(fields) and (c <= t or fields <= CACHED_FIELDS_ELEMENTS)
+        self.keep_coefficients = not self.keep_fields and fits(coefficients)
         self._distances = workspace.take("kept_distances", (self.rows, n, t), self.device) if fits(
             self.rows * n * t) else None
         self._targets = workspace.take("kept_targets", (self.rows, t, c), self.device) if fits(
