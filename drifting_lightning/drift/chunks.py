@@ -129,9 +129,15 @@ class RowWalk:
         if data:
             self._inputs_ready = True
 
-    def scatter(self, out: Tensor, chunk: Chunk, rows: Tensor) -> None:
-        """Writes rows [rows, N, C] of ``chunk`` into their places of ``out`` [G, N, L, C]."""
-        out[chunk.groups, :, chunk.locs].copy_(self.in_layout(rows, chunk))
+    def group_views(self, out: Tensor, chunk: Chunk, *rows: Tensor) -> Iterator[tuple[Tensor, ...]]:
+        """Per class group of ``chunk``: its part of each of ``rows`` ([rows, ...] tensors of the chunk) and its
+        region of ``out`` [G, N, L, C] as [locs, N, C] (a strided view; one view of all groups when L = 1)."""
+        if self.loc == 1:
+            yield *rows, out[chunk.groups, :, 0]
+            return
+        ls = chunk.locs.stop - chunk.locs.start
+        for i, g in enumerate(range(chunk.groups.start, chunk.groups.stop)):
+            yield *(r[i * ls : (i + 1) * ls] for r in rows), out[g, :, chunk.locs].transpose(0, 1)
 
     def in_layout(self, rows: Tensor, chunk: Chunk) -> Tensor:
         """A chunk's rows [rows, N, C] as a view shaped like its region of the features, [groups, N, locs, C]."""

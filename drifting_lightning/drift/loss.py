@@ -290,7 +290,7 @@ class DriftingLoss(nn.Module):
                 v_shape = (len(ch.stat_ids), walk.n, walk.c)
                 v_out = kept[k, ch.rows] if walk.keep_fields else walk.workspace.take("field", v_shape, walk.device)
                 v = torch.bmm(coef, ch.targets, out=v_out)
-                st.raw_sq[k].index_add_(0, ch.stat_ids, _sq_norms(v))
+                _add_sq_sums(st.raw_sq[k], v, ch, walk.per_group)
         return kept
 
     def _force(
@@ -324,15 +324,16 @@ class DriftingLoss(nn.Module):
                 for k, coef in enumerate(self._coefficients(walk, ch, st)):
                     if not self.drift_normalization:  # the statistics need each V_tau
                         v = torch.bmm(coef, ch.targets, out=walk.workspace.take("field", rows, walk.device))
-                        st.raw_sq[k].index_add_(0, ch.stat_ids, _sq_norms(v))
+                        _add_sq_sums(st.raw_sq[k], v, ch, walk.per_group)
                     f_rows = _per_row(factor[k], ch)
                     torch.mul(coef, f_rows, out=w_sum) if k == 0 else w_sum.addcmul_(coef, f_rows)
-            direct = force_loc is not None and walk.loc == 1  # the chunk's rows are a slice of the force itself
-            out = force_loc[ch.groups, :, 0] if direct else walk.workspace.take("field", rows, walk.device)
-            f_c = torch.bmm(w_sum, ch.targets, out=out)
-            f_sq += _sq_norms(f_c).sum()
-            if force_loc is not None and not direct:
-                walk.scatter(force_loc, ch, f_c)
+            if force_loc is None:
+                f_c = torch.bmm(w_sum, ch.targets, out=walk.workspace.take("field", rows, walk.device))
+                f_sq += torch.linalg.vector_norm(f_c).square()
+                continue
+            for w_rows, y_rows, out in walk.group_views(force_loc, ch, w_sum, ch.targets):
+                torch.bmm(w_rows, y_rows, out=out)  # written in gen's layout: the product takes strided outputs
+            f_sq += torch.linalg.vector_norm(force_loc[ch.groups, :, ch.locs]).square()
         return f_sq
 
     def _reduce(self, *sums: Tensor) -> tuple[Tensor, ...]:
@@ -383,9 +384,14 @@ def _locations(t: Tensor) -> Tensor:
     return t.unsqueeze(2) if t.dim() == 3 else t
 
 
-def _sq_norms(v: Tensor) -> Tensor:
-    """sum of v^2 per row of v [rows, N, C] -> [rows], without a [rows, N, C] temporary (norms over C, then a sum)."""
-    return torch.linalg.vector_norm(v, dim=-1).square_().sum(-1)
+def _add_sq_sums(sums: Tensor, v: Tensor, ch: Chunk, per_group: bool) -> None:
+    """Adds sum of v^2 (v [rows, N, C] of chunk ``ch``) into ``sums`` [statistics groups]: one reduction over the
+    whole chunk, or one per class group of it (a chunk holds whole groups or part of one)."""
+    if not per_group:
+        sums[0] += torch.linalg.vector_norm(v).square()
+    else:
+        gs = ch.groups.stop - ch.groups.start
+        sums[ch.groups] += torch.linalg.vector_norm(v.reshape(gs, -1), dim=1).square()
 
 
 def _check(name: str, gen: Tensor, pos: Tensor, neg: Tensor | None, neg_weights: Tensor | None) -> Tensor | None:
