@@ -255,25 +255,29 @@ class DriftingLoss(nn.Module):
 
         A.6 divides distances by S; kernels depend on d / tau only, so k(d / S, tau) = k(d, tau S): no normalised
         copy of the distances. Each W is the kernel's logits, turned into coefficients in place by the field. The
-        field may use each row's and column's largest logit: kernels fall with distance, so they are the logits of
-        the smallest distances, found once for every temperature."""
+        field may take them relative to each row's largest logit: kernels fall with distance, so that is the logit
+        of the row's smallest distance, found once for every temperature."""
         d_div = _per_row(st.scale.clamp_min(1e-3), ch)
         masked = self.mask_self and self.field.masks_self
-        minima = _distance_minima(ch.distances, walk.n, masked) if self._wants_maxima(walk) else None
+        nearest = _nearest(ch.distances, walk.n, masked) if self._wants_row_maxima(walk) else None
         for k, tau in enumerate(self.temperatures):
             buffer = out[k] if out is not None else walk.workspace.take("logits", ch.distances.shape, walk.device)
-            if minima is None:
-                logits, maxima = self.kernel.logits(ch.distances, d_div * tau, out=buffer), None
-            else:  # relative to each row's largest, as the field asks when it takes the maxima
-                logits = self.kernel.relative_logits(ch.distances, d_div * tau, minima[0], out=buffer)
-                maxima = tuple(self.kernel.logits(m, d_div * tau) for m in minima)
-            if masked:
-                mask_self_pairs(logits)
-            coef, row_sums = self.field.coefficients_and_row_sums(logits, walk.n_neg, ch.weights, maxima)
-            yield _fold(coef, row_sums, walk.n)
+            result = None
+            if nearest is not None:  # relative to each row's largest, which the field takes as a hint
+                logits = self.kernel.relative_logits(ch.distances, d_div * tau, nearest, out=buffer)
+                if masked:
+                    mask_self_pairs(logits)
+                row_maxima = self.kernel.logits(nearest, d_div * tau)
+                result = self.field.coefficients_and_row_sums(logits, walk.n_neg, ch.weights, row_maxima)
+            if result is None:  # no hint, or the field spent the relative logits and asks for plain ones
+                logits = self.kernel.logits(ch.distances, d_div * tau, out=buffer)
+                if masked:
+                    mask_self_pairs(logits)
+                result = self.field.coefficients_and_row_sums(logits, walk.n_neg, ch.weights)
+            yield _fold(*result, walk.n)
 
-    def _wants_maxima(self, walk: RowWalk) -> bool:
-        return walk.device.type == "cpu" and self.field.uses_logit_maxima
+    def _wants_row_maxima(self, walk: RowWalk) -> bool:
+        return walk.device.type == "cpu" and self.field.uses_row_maxima
 
     def _fields(self, walk: RowWalk, st: _Statistics) -> Tensor | None:
         """Pass 2: every temperature's V per chunk and its sum of squares into ``st.raw_sq``. Returns what the force
@@ -367,12 +371,12 @@ def _fold(coef: Tensor, row_sums: Tensor, n: int) -> Tensor:
     return coef
 
 
-def _distance_minima(d: Tensor, n: int, masked: bool) -> tuple[Tensor, Tensor]:
-    """Each row's and column's smallest distance ([rows, N, 1], [rows, 1, T]), self-pairs left out when
-    ``masked``: their distance becomes +inf for good (the mask overwrites their logits anyway)."""
+def _nearest(d: Tensor, n: int, masked: bool) -> Tensor:
+    """Each row's smallest distance [rows, N, 1], self-pairs left out when ``masked``: their distance becomes +inf for
+    good (the mask overwrites their logits anyway). Kernels fall with distance: its logit is the row's largest."""
     if masked:
         d[:, :, :n].diagonal(dim1=1, dim2=2).fill_(math.inf)
-    return d.amin(-1, keepdim=True), d.amin(-2, keepdim=True)
+    return d.amin(-1, keepdim=True)
 
 
 def _as_dict(x: Tensor | FeatureDict) -> dict[str, Tensor]:
