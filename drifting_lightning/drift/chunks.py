@@ -15,8 +15,10 @@ recomputation:
 - every row's distances (one product per pass saved) when R N T <= max_chunk_elements, and every row's targets
   (one layout copy per pass saved) when R T C <= max_chunk_elements, or there is no bound;
 - every temperature's field V (no third pass: the force is their weighted sum) when len(taus) R N C fits the
-  bound (and T >= C or they are few, ``CACHED_FIELDS_ELEMENTS``), else their coefficients W when len(taus) R N T
-  does (the force is then one product of their weighted sum): at most max_chunk_elements more float32 values.
+  bound, else their coefficients W when len(taus) R N T does (the force is then one product of their weighted
+  sum): at most max_chunk_elements more float32 values. Kept V beat kept W even when W are smaller (T < C):
+  measured in one process, alternating steps, one thread, V/W time 0.91 at G = 64, N = 64, T = 144, L = 16,
+  C = 256 and 0.93-0.97 for one global feature of C = 256 or 1024.
 Chunk temporaries and kept matrices live in a ``Workspace``: buffers that the first chunk allocates and every later
 chunk (and every later feature) reuses; on the CPU the loss keeps its workspace from one call to the next
 (``DriftingLoss._workspace_for``). A fresh buffer of this size costs more than the arithmetic done in it: the C
@@ -41,11 +43,6 @@ LIVE_MATRICES = 3
 # (benchmarks/drift_loss.py shapes, one thread): below 2**17 the per-operation overhead of small chunks dominates
 # (2**14: 3-4x slower), and whole matrices of 4096 rows stream from memory (1.3x slower than 2**20).
 CACHE_ELEMENTS = 2**20
-# Kept fields V up to this many elements (16 MiB) stay near the cache, so they are kept even when their
-# coefficients would be smaller (T < C). Measured on a 2-core Xeon, one thread: keeping V at G = 64, N = 64, T = 144,
-# C = 256 (12 MiB) 37 ms against 41 ms for W; at C = 1024 (48 MiB) 106 ms against 100 ms, and 662 ms against 605 ms
-# at L = 16 locations, C = 256 (192 MiB).
-CACHED_FIELDS_ELEMENTS = 2**22
 # Up to this many channels, distances come from per-channel differences (exact) instead of the matrix product.
 DIRECT_CHANNELS = 8
 
@@ -110,10 +107,8 @@ class RowWalk:
             per_chunk = min(per_chunk, max(1, bound // (n * t)))
         self.spans = spans(g, loc, per_chunk)
         fits = lambda elements: bound is None or elements <= bound  # noqa: E731
-        fields, coefficients = n_fields * self.rows * n * c, n_fields * self.rows * n * t
-        # kept W cost one more product but less memory traffic than kept V when T < C, unless V stay in the cache
-        self.keep_fields = fits(fields) and (c <= t or fields <= CACHED_FIELDS_ELEMENTS)
-        self.keep_coefficients = not self.keep_fields and fits(coefficients)
+        self.keep_fields = fits(n_fields * self.rows * n * c)
+        self.keep_coefficients = not self.keep_fields and fits(n_fields * self.rows * n * t)
         self._distances = workspace.take("kept_distances", (self.rows, n, t), self.device) if fits(
             self.rows * n * t) else None
         self._targets = workspace.take("kept_targets", (self.rows, t, c), self.device) if fits(
