@@ -39,10 +39,11 @@ from torch import Tensor
 
 # [rows, N, T] float32 matrices alive at once per chunk, at most (see the module docstring).
 LIVE_MATRICES = 3
-# Elements of one [rows, N, T] matrix per CPU chunk when the bound allows more (4 MiB). Measured on a 2-core Xeon
-# (benchmarks/drift_loss.py shapes, one thread): below 2**17 the per-operation overhead of small chunks dominates
-# (2**14: 3-4x slower), and whole matrices of 4096 rows stream from memory (1.3x slower than 2**20).
-CACHE_ELEMENTS = 2**20
+# Elements of one [rows, N, T] matrix per CPU chunk when the bound allows more (16 MiB). Measured on a 2-core Xeon
+# (benchmarks/drift_loss.py shapes, one thread, one process alternating steps, time ratios): 2**19 against 2**20
+# 1.14 at L = 64 locations (C = 128); 2**21 against 2**20 0.96 there and 0.99 at L = 16 (C = 256); 2**22 against
+# 2**21 0.99 and 0.97. Fewer, larger chunks mean fewer small operations per row; the workspace keeps their memory.
+CACHE_ELEMENTS = 2**22
 # Up to this many channels, distances come from per-channel differences (exact) instead of the matrix product.
 DIRECT_CHANNELS = 8
 
