@@ -56,16 +56,17 @@ class _Statistics:
 class _DriftMSE(torch.autograd.Function):
     """MSE(gen / s_in, sg(gen / s_in + F)) from its value and F alone (PAPER.md 1: the stop-gradient loss).
 
-    forward(gen, value, force, grad_scale) returns the precomputed value; backward returns grad_scale * F times the
-    incoming gradient, with grad_scale = -2 / (s_in numel), in gen's dtype and strides. For float32 gen, backward
-    scales the force buffer in place and returns it: F is dead once the gradient exists, and autograd adopts the
-    buffer as gen.grad (same dtype and strides), so the loss holds no memory the gradient would not need anyway.
-    The price: one backward per loss; a second one (retain_graph=True) raises instead of reading a spent buffer.
+    forward(gen, value, gradient) returns the precomputed value; ``gradient`` is the force buffer written as
+    -2 F / (s_in numel), the gradient for an incoming gradient of 1. backward returns it times the incoming gradient
+    in gen's dtype and strides. For float32 gen it returns the buffer itself (scaled in place unless the incoming
+    gradient is 1): F is dead once the gradient exists, and autograd adopts the buffer as gen.grad (same dtype and
+    strides), so the loss holds no memory the gradient would not need anyway. The price: one backward per loss; a
+    second one (retain_graph=True) raises instead of reading a spent buffer.
     """
 
     @staticmethod
-    def forward(ctx, gen: Tensor, value: Tensor, force: Tensor, grad_scale: Tensor) -> Tensor:
-        ctx.save_for_backward(force, grad_scale)
+    def forward(ctx, gen: Tensor, value: Tensor, gradient: Tensor) -> Tensor:
+        ctx.save_for_backward(gradient)
         ctx.gen_dtype = gen.dtype
         ctx.spent = False
         return value.clone()
@@ -79,13 +80,13 @@ class _DriftMSE(torch.autograd.Function):
                 "in place. Compute the loss again instead of backward(retain_graph=True) twice."
             )
         ctx.spent = True
-        force, grad_scale = ctx.saved_tensors
-        scale = grad_scale * grad_output
-        if force.dtype == ctx.gen_dtype:
-            return force.mul_(scale), None, None, None
-        grad = torch.empty_like(force, dtype=ctx.gen_dtype)
-        torch.mul(force, scale, out=grad)  # computed in float32, rounded once into gen's dtype
-        return grad, None, None, None
+        (gradient,) = ctx.saved_tensors
+        if gradient.dtype == ctx.gen_dtype:
+            unit = grad_output.device.type == "cpu" and bool(grad_output == 1)  # no host sync on a GPU
+            return (gradient if unit else gradient.mul_(grad_output)), None, None
+        grad = torch.empty_like(gradient, dtype=ctx.gen_dtype)
+        torch.mul(gradient, grad_output, out=grad)  # computed in float32, rounded once into gen's dtype
+        return grad, None, None
 
 
 class DriftingLoss(nn.Module):
@@ -212,14 +213,16 @@ class DriftingLoss(nn.Module):
             if self.drift_normalization:
                 st.lam = self._drift_normalisation(walk, st)  # A.6
             factor = 1 / (st.s_in * st.lam)  # [temperatures, groups]: V_tau -> V_tau / (s_in lambda_tau)
-            force = torch.empty_like(gen, dtype=torch.float32) if need_grad else None
-            f_sq = self._force(walk, st, factor, kept, force)
             numel = gen.numel()
+            # The loss's gradient is -2 F / (s_in numel): the force buffer is written with that factor in, so it is
+            # the gradient as it stands (its sum of squares is scaled back for the value).
+            grad_scale = -2.0 / numel / st.s_in if need_grad else torch.ones_like(st.s_in)
+            force = torch.empty_like(gen, dtype=torch.float32) if need_grad else None
+            f_sq = (self._force(walk, st, factor * grad_scale, kept, force) / grad_scale.square()).sum()
             # Table 8: sum_tau mean(V~_tau^2), one MSE per temperature; authors' code: mean(F^2), one MSE against
-            # the summed field. Both have the gradient of the latter: d/dgen = -2 F / (s_in numel).
+            # the summed field. Both have the gradient of the latter.
             value = (st.raw_sq * factor.square()).sum() / numel if self.loss_per_temperature else f_sq / numel
-            grad_scale = (-2.0 / numel / st.s_in).view(-1, *([1] * (gen.dim() - 1)))
-        loss = _DriftMSE.apply(gen, value, force, grad_scale) if need_grad else value
+        loss = _DriftMSE.apply(gen, value, force) if need_grad else value
         return loss, st, walk.rows * walk.n
 
     def _feature_scale(self, walk: RowWalk) -> _Statistics:
@@ -300,12 +303,13 @@ class DriftingLoss(nn.Module):
     def _force(
         self, walk: RowWalk, st: _Statistics, factor: Tensor, kept: Tensor | None, force: Tensor | None
     ) -> Tensor:
-        """F = sum_tau V_tau / (s_in lambda_tau) into ``force`` (gen's shape; None: value only); returns sum F^2.
+        """sum_tau factor_tau V_tau into ``force`` (gen's shape; None: value only); returns its sum of squares per
+        statistics group.
 
         From the kept fields (their weighted sum, written in gen's layout), else in one product per chunk: V is
         linear in W, so F = (sum_tau W_tau factor_tau) @ Y, from the kept coefficients or recomputed ones (that
         pass also sums each V_tau^2 when pass 2 did not run)."""
-        f_sq = torch.zeros((), device=walk.device)
+        f_sq = torch.zeros_like(st.s_in)
         force_loc = None if force is None else _locations(force)
         for ch in walk.chunks(data=not walk.keep_fields):
             rows = (len(ch.stat_ids), walk.n, walk.c)
@@ -316,7 +320,7 @@ class DriftingLoss(nn.Module):
                 torch.mul(walk.in_layout(vs[0], ch), _per_row_in_layout(factor[0], walk, ch), out=f_c)
                 for k in range(1, len(vs)):
                     f_c.addcmul_(walk.in_layout(vs[k], ch), _per_row_in_layout(factor[k], walk, ch))
-                f_sq += torch.linalg.vector_norm(f_c).square()
+                _add_sq_sums(f_sq, f_c, ch, walk.per_group)
                 continue
             if walk.keep_coefficients:
                 ws = kept[:, ch.rows]
@@ -333,11 +337,11 @@ class DriftingLoss(nn.Module):
                     torch.mul(coef, f_rows, out=w_sum) if k == 0 else w_sum.addcmul_(coef, f_rows)
             if force_loc is None:
                 f_c = torch.bmm(w_sum, ch.targets, out=walk.workspace.take("field", rows, walk.device))
-                f_sq += torch.linalg.vector_norm(f_c).square()
+                _add_sq_sums(f_sq, f_c, ch, walk.per_group)
                 continue
             for w_rows, y_rows, out in walk.group_views(force_loc, ch, w_sum, ch.targets):
                 torch.bmm(w_rows, y_rows, out=out)  # written in gen's layout: the product takes strided outputs
-            f_sq += torch.linalg.vector_norm(force_loc[ch.groups, :, ch.locs]).square()
+            _add_sq_sums(f_sq, force_loc[ch.groups, :, ch.locs], ch, walk.per_group)
         return f_sq
 
     def _reduce(self, *sums: Tensor) -> tuple[Tensor, ...]:
@@ -389,13 +393,15 @@ def _locations(t: Tensor) -> Tensor:
 
 
 def _add_sq_sums(sums: Tensor, v: Tensor, ch: Chunk, per_group: bool) -> None:
-    """Adds sum of v^2 (v [rows, N, C] of chunk ``ch``) into ``sums`` [statistics groups]: one reduction over the
-    whole chunk, or one per class group of it (a chunk holds whole groups or part of one)."""
+    """Adds sum of v^2 into ``sums`` [statistics groups], v being chunk ``ch``'s rows [rows, N, C] or its region
+    [groups, N, locs, C] of the features: one reduction over the whole chunk, or one per class group of it (a chunk
+    holds whole groups or part of one)."""
     if not per_group:
         sums[0] += torch.linalg.vector_norm(v).square()
-    else:
-        gs = ch.groups.stop - ch.groups.start
-        sums[ch.groups] += torch.linalg.vector_norm(v.reshape(gs, -1), dim=1).square()
+        return
+    gs = ch.groups.stop - ch.groups.start
+    grouped = v if v.dim() == 4 else v.view(gs, -1, *v.shape[1:])
+    sums[ch.groups] += torch.linalg.vector_norm(grouped, dim=(1, 2, 3)).square()
 
 
 def _check(name: str, gen: Tensor, pos: Tensor, neg: Tensor | None, neg_weights: Tensor | None) -> Tensor | None:
