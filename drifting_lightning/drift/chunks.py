@@ -13,7 +13,8 @@ coefficients when the force needs a pass of its own, plus (T + N) C float32 valu
 generated features (it becomes the gradient in place) and per-row vectors. What may outlive a chunk, to save
 recomputation:
 - every row's distances (one product per pass saved) when R N T <= max_chunk_elements, and every row's targets
-  (one layout copy per pass saved) when R T C <= max_chunk_elements, or there is no bound;
+  (one layout copy per pass saved) when R T C <= max_chunk_elements, or there is no bound: at most
+  max_chunk_elements float32 values each;
 - every temperature's field V (no third pass: the force is their weighted sum) when len(taus) R N C fits the
   bound, else their coefficients W when len(taus) R N T does (the force is then one product of their weighted
   sum): at most max_chunk_elements more float32 values. Kept V beat kept W even when W are smaller (T < C):

@@ -7,7 +7,7 @@ one step at a time (comments cite the paper: ``# A.6`` is paper appendix A.6, ``
 2. each temperature's field V_tau and its sum of squares (Alg. 2, PAPER.md 2), for lambda_tau (A.6);
 3. the force F = sum over tau of V_tau / (s_in lambda_tau), in the normalised units of the loss;
 4. the loss MSE(gen / s_in, sg(gen / s_in + F)) (PAPER.md 1) from F alone: its value is mean F^2 and its gradient
-   -2 F / (s_in numel) (``_DriftMSE``).
+   -2 F / (s_in numel) (``stop_gradient.StopGradientMSE``; the force buffer is written as that gradient).
 The rows (class group x location) are walked in chunks under ``max_chunk_elements`` by ``chunks.RowWalk``, whose
 docstring is where the memory budget is explained; everything here runs in float32, autocast off, no autograd.
 """
@@ -23,12 +23,12 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from drifting_lightning.drift.chunks import Chunk, RowWalk, Workspace
 from drifting_lightning.drift.fields import DriftField, MeanShift
 from drifting_lightning.drift.functional import is_temperature, mask_self_pairs
 from drifting_lightning.drift.kernels import Kernel, Laplace
+from drifting_lightning.drift.stop_gradient import StopGradientMSE
 
 FeatureDict = Mapping[str, Tensor]
 
@@ -53,42 +53,6 @@ class _Statistics:
     raw_sq: Tensor
 
 
-class _DriftMSE(torch.autograd.Function):
-    """MSE(gen / s_in, sg(gen / s_in + F)) from its value and F alone (PAPER.md 1: the stop-gradient loss).
-
-    forward(gen, value, gradient) returns the precomputed value; ``gradient`` is the force buffer written as
-    -2 F / (s_in numel), the gradient for an incoming gradient of 1. backward returns it times the incoming gradient
-    in gen's dtype and strides. For float32 gen it returns the buffer itself (scaled in place unless the incoming
-    gradient is 1): F is dead once the gradient exists, and autograd adopts the buffer as gen.grad (same dtype and
-    strides), so the loss holds no memory the gradient would not need anyway. The price: one backward per loss; a
-    second one (retain_graph=True) raises instead of reading a spent buffer.
-    """
-
-    @staticmethod
-    def forward(ctx, gen: Tensor, value: Tensor, gradient: Tensor) -> Tensor:
-        ctx.save_for_backward(gradient)
-        ctx.gen_dtype = gen.dtype
-        ctx.spent = False
-        return value.clone()
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        if ctx.spent:
-            raise RuntimeError(
-                "DriftingLoss supports one backward per loss: the first turned its force buffer into the gradient "
-                "in place. Compute the loss again instead of backward(retain_graph=True) twice."
-            )
-        ctx.spent = True
-        (gradient,) = ctx.saved_tensors
-        if gradient.dtype == ctx.gen_dtype:
-            unit = grad_output.device.type == "cpu" and bool(grad_output == 1)  # no host sync on a GPU
-            return (gradient if unit else gradient.mul_(grad_output)), None, None
-        grad = torch.empty_like(gradient, dtype=ctx.gen_dtype)
-        torch.mul(gradient, grad_output, out=grad)  # computed in float32, rounded once into gen's dtype
-        return grad, None, None
-
-
 class DriftingLoss(nn.Module):
     """The drifting loss over one or many feature sets (PAPER.md 2-3, 5).
 
@@ -101,7 +65,8 @@ class DriftingLoss(nn.Module):
     all-reduce S and lambda sums over ranks in "batch" mode so results do not depend on the number of ranks.
     mask_self: mask each generated sample against itself (paper Alg. 2), for the fields that ask for it.
     max_chunk_elements: bound on rows x N x T per chunk (None: no bound); the memory it buys is explained in
-    ``drifting_lightning.drift.chunks`` (``chunk_budget_bytes``).
+    ``drifting_lightning.drift.chunks`` (``chunk_budget_bytes``). On the CPU the loss keeps that working memory
+    from one call to the next (see ``_workspace_for``).
     """
 
     def __init__(
@@ -222,7 +187,7 @@ class DriftingLoss(nn.Module):
             # Table 8: sum_tau mean(V~_tau^2), one MSE per temperature; authors' code: mean(F^2), one MSE against
             # the summed field. Both have the gradient of the latter.
             value = (st.raw_sq * factor.square()).sum() / numel if self.loss_per_temperature else f_sq / numel
-        loss = _DriftMSE.apply(gen, value, force) if need_grad else value
+        loss = StopGradientMSE.apply(gen, value, force) if need_grad else value
         return loss, st, walk.rows * walk.n
 
     def _feature_scale(self, walk: RowWalk) -> _Statistics:
