@@ -19,7 +19,7 @@ Each measurement runs in a fresh process (peak memory: see benchmarks/measure.py
 - encoder + loss: inputs (the generated samples as a leaf with gradient, positives, negatives, guidance weights),
   then the encoder on all three (generated with gradient, the others without), the loss, and the backward through
   the loss and the encoder to the generated samples. The backward column is the encoder's backward plus the loss's
-  own, a single multiply (``_DriftMSE``);
+  own, a single multiply (``drift.stop_gradient.StopGradientMSE``);
 - loss alone: the loss forward + backward on random features of the encoder's shapes, against the engine's stated
   bound (drift/chunks.py docstring): one float32 force buffer the size of the generated features, which becomes their
   gradient, plus one chunk's working memory (``chunk_budget_bytes``, the largest over the feature sets).

@@ -26,9 +26,23 @@ class DriftField:
     """
 
     masks_self: bool = True
+    # Whether ``coefficients_and_row_sums`` takes the ``row_maxima`` hint and logits relative to their row maxima.
+    uses_row_maxima: bool = False
 
     def coefficients(self, logits: Tensor, n_neg: int, column_weights: Tensor | None = None) -> Tensor:
         raise NotImplementedError
+
+    def coefficients_and_row_sums(
+        self, logits: Tensor, n_neg: int, column_weights: Tensor | None = None,
+        row_maxima: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor] | None:
+        """``coefficients`` and W's row sums [G, N, 1], as the engine asks for them. Fields that know the row sums
+        without a pass over W override this. row_maxima: given only to fields that set ``uses_row_maxima``: each
+        row's largest kernel logit [G, N, 1] (the field may overwrite it), and then ``logits`` are relative to it
+        (each row's largest is 0; masked self-pairs still the lowest value). With it a field may return None: it
+        spent ``logits`` and asks for them again, absolute, without the hint."""
+        coef = self.coefficients(logits, n_neg, column_weights)
+        return coef, coef.sum(-1, keepdim=True)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
@@ -71,41 +85,71 @@ def _logsumexp(x: Tensor, dim: int) -> Tensor:
 
 # The one-exp path of the floored "both" normalisation (below) is exact to float32 rounding for floors down to this.
 MIN_ONE_EXP_FLOOR = 1e-12
-# ... provided every column's mass, relative to the group's largest entry, is at least this (log): then no entry
-# whose affinity clears the floor is lost to underflow (see _floored_both_one_exp).
-LOG_MIN_COLUMN_MASS = math.log(1e-15)
+# ... provided every column's mass, relative to the group's largest entry, is at least this: then no entry whose
+# affinity clears the floor is lost to underflow (see _floored_both_one_exp).
+MIN_COLUMN_MASS = 1e-15
+LOG_MIN_COLUMN_MASS = math.log(MIN_COLUMN_MASS)
 
 
-def _floored_both_one_exp(logits: Tensor, floor: float) -> Tensor | None:
-    """max(sqrt(softmax_targets * softmax_rows), sqrt(floor)) in place with ONE exponential, or None (``logits``
-    untouched) where that would lose digits. On the CPU the exponentials are most of the field's time.
+def _floored_both_one_exp(
+    logits: Tensor, floor: float, column_weights: Tensor | None = None, row_max: Tensor | None = None
+) -> tuple[Tensor, Tensor] | None:
+    """A = max(sqrt(softmax_targets * softmax_rows), sqrt(floor)) x column_weights with ONE exponential, as (B, r)
+    with A = r B (B in place of ``logits``, r [G, N, 1]: a row factor the caller folds into its own row factors),
+    or None where that would lose digits. On the CPU the exponentials are most of the field's time. row_max: the
+    rows' largest logits when known (the engine has them from the distances; overwritten), and then ``logits`` are
+    already relative to them. column_weights [G, T] must be >= 0 (they then commute with the floor).
 
     E = exp(l - rowmax) gives the row softmax E / rowsum; the column softmax reuses it: exp(l) is E u up to one
     factor per group, u_n = exp(rowmax_n - M) with M the group's largest logit, so it is E u / colsum(E u). Underflow
-    in E or u only drops entries far below the floor, as long as every column's mass colsum(E u) >= 1e-15, which
-    its largest entry exp(colmax - M) guarantees when checked first. A fully masked column fails the check.
+    in E or u only drops entries far below the floor, as long as every column's mass colsum(E u) >= 1e-15 (an entry
+    above the floor has E >= 1e-12 and E u >= 1e-12 colsum(E u), far from float32's smallest). Without ``row_max``
+    that is checked before anything is overwritten, from the columns' largest logits (None: ``logits`` untouched);
+    with it, on the computed masses (None: ``logits`` spent). A fully masked column fails either check.
+    With r = sqrt(u / rowsum) and c = colsum(E u)^(-1/2): max(E r c, f) w = r max(E c, f / r) w, two passes over
+    [G, N, T] instead of three, and w only where it is not 1 (the extra negatives' columns).
     """
-    col_max = logits.amax(-2, keepdim=True)  # [G, 1, T]
-    top = col_max.amax(-1, keepdim=True)  # [G, 1, 1]: M
-    if not bool((col_max - top >= LOG_MIN_COLUMN_MASS).all()):
-        return None
-    row_max = logits.amax(-1, keepdim=True)  # [G, N, 1]
-    e = logits.sub_(row_max).exp_()
-    row_scale = row_max.sub_(top).exp_()  # u
+    relative = row_max is not None
+    if not relative:
+        row_max, col_max = logits.amax(-1, keepdim=True), logits.amax(-2, keepdim=True)
+        if not bool((col_max - col_max.amax(-1, keepdim=True) >= LOG_MIN_COLUMN_MASS).all()):
+            return None
+        logits.sub_(row_max)
+    e = logits.exp_()
+    row_scale = row_max.sub_(row_max.amax(-2, keepdim=True)).exp_()  # u = exp(rowmax - M)
     col_mass = torch.bmm(row_scale.transpose(1, 2), e)  # [G, 1, T]: colsum(E u)
-    # A = E sqrt(u / rowsum) sqrt(1 / colmass), floored
-    e.mul_(row_scale.div_(e.sum(-1, keepdim=True)).sqrt_()).mul_(col_mass.rsqrt_())
-    return e.clamp_min_(math.sqrt(floor))
+    if relative and not bool((col_mass >= MIN_COLUMN_MASS).all()):
+        return None
+    # r of a row far from everything underflows; any r <= 1e-30 gives the same A (r E c <= 1e-30 x 10^7.5 stays
+    # below every floor allowed here), so clamping it keeps f / r finite and r x f / r = f
+    r = row_scale.div_(e.sum(-1, keepdim=True)).sqrt_().clamp_min_(1e-30)
+    b = torch.maximum(e.mul_(col_mass.rsqrt_()), math.sqrt(floor) / r, out=e)
+    if column_weights is not None:
+        weighted = (column_weights != 1).any(0).nonzero()
+        if len(weighted):
+            cols = slice(int(weighted[0]), int(weighted[-1]) + 1)
+            b[..., cols].mul_(column_weights[:, None, cols])
+    return b, r
 
 
-def _cross_weight_(a: Tensor, n_neg: int, attraction: float, repulsion: float) -> Tensor:
-    """Alg. 2 in place on A [G, N, T]: W_pos = A_pos * rowsum(A_neg), W_neg = A_neg * rowsum(A_pos), negatives signed
-    negative, so that V = W_pos @ y+ - W_neg @ y- (written as W @ Y - rowsum(W) x to allow unequal scales)."""
+def _cross_weight_(
+    a: Tensor, n_neg: int, attraction: float, repulsion: float, row_factor: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Alg. 2 in place on A [G, N, T] (given as row_factor x ``a`` when row_factor [G, N, 1] is not None):
+    W_pos = A_pos * rowsum(A_neg), W_neg = A_neg * rowsum(A_pos), negatives signed negative, so that
+    V = W_pos @ y+ - W_neg @ y- (written as W @ Y - rowsum(W) x to allow unequal scales). Returns W and its row
+    sums, rowsum(A_neg) rowsum(A_pos) (attraction - repulsion), known without a pass."""
     neg_mass = a[..., :n_neg].sum(-1, keepdim=True)
     pos_mass = a[..., n_neg:].sum(-1, keepdim=True)
-    a[..., :n_neg].mul_(pos_mass * -repulsion)
-    a[..., n_neg:].mul_(neg_mass * attraction)
-    return a
+    if row_factor is not None:
+        neg_mass.mul_(row_factor)
+        pos_mass.mul_(row_factor)
+        a[..., :n_neg].mul_(pos_mass * row_factor * -repulsion)
+        a[..., n_neg:].mul_(neg_mass * row_factor * attraction)
+    else:
+        a[..., :n_neg].mul_(pos_mass * -repulsion)
+        a[..., n_neg:].mul_(neg_mass * attraction)
+    return a, neg_mass.mul_(pos_mass).mul_(attraction - repulsion)
 
 
 class MeanShift(DriftField):
@@ -134,12 +178,32 @@ class MeanShift(DriftField):
         self.attraction_scale = attraction_scale
         self.repulsion_scale = repulsion_scale
 
+    @property
+    def uses_row_maxima(self) -> bool:  # type: ignore[override]
+        """The one-exponential path (floored "both") starts from logits relative to their row maxima."""
+        return self.normalization == "both" and self.affinity_floor >= MIN_ONE_EXP_FLOOR
+
     def affinities(self, logits: Tensor) -> Tensor:
         """A [G, N, T] from logits [G, N, T] under the chosen normalisation (overwrites ``logits``)."""
-        if self.normalization == "both" and self.affinity_floor >= MIN_ONE_EXP_FLOOR and logits.device.type == "cpu":
-            a = _floored_both_one_exp(logits, self.affinity_floor)
-            if a is not None:
-                return a
+        a, row_factor = self._weighted_affinities(logits, None, None)
+        return a if row_factor is None else a.mul_(row_factor)
+
+    def _weighted_affinities(
+        self, logits: Tensor, column_weights: Tensor | None, row_max: Tensor | None
+    ) -> tuple[Tensor, Tensor | None] | None:
+        """A times the column weights (after the normalisation, as in the authors' code), as (B, r) with A = r B
+        (r [G, N, 1], or None for A = B); None when ``row_max`` was given and the logits were spent."""
+        if (self.uses_row_maxima and logits.device.type == "cpu"
+                and (column_weights is None or bool((column_weights >= 0).all()))):
+            factored = _floored_both_one_exp(logits, self.affinity_floor, column_weights, row_max)
+            if factored is not None or row_max is not None:
+                return factored
+        if row_max is not None:  # back to absolute logits: the log-domain softmax over rows needs them
+            logits.add_(row_max)
+        a = self._affinities(logits)
+        return (a if column_weights is None else a.mul_(column_weights.unsqueeze(-2))), None
+
+    def _affinities(self, logits: Tensor) -> Tensor:
         if self.normalization == "both":
             # sqrt(softmax_targets * softmax_rows) = exp(l - (lse_targets + lse_rows) / 2), one matrix, in place;
             # the floor on the product becomes a floor of log(floor) / 2 on its logarithm.
@@ -159,10 +223,16 @@ class MeanShift(DriftField):
         return logits.exp_()
 
     def coefficients(self, logits: Tensor, n_neg: int, column_weights: Tensor | None = None) -> Tensor:
-        a = self.affinities(logits)
-        if column_weights is not None:
-            a.mul_(column_weights.unsqueeze(-2))  # weights act after the softmax, as in the authors' code
-        return _cross_weight_(a, n_neg, self.attraction_scale, self.repulsion_scale)
+        return self.coefficients_and_row_sums(logits, n_neg, column_weights)[0]  # never None without the hint
+
+    def coefficients_and_row_sums(
+        self, logits: Tensor, n_neg: int, column_weights: Tensor | None = None,
+        row_maxima: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor] | None:
+        factored = self._weighted_affinities(logits, column_weights, row_maxima)
+        if factored is None:
+            return None
+        return _cross_weight_(factored[0], n_neg, self.attraction_scale, self.repulsion_scale, factored[1])
 
 
 class MMD(DriftField):

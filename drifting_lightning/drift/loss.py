@@ -7,7 +7,7 @@ one step at a time (comments cite the paper: ``# A.6`` is paper appendix A.6, ``
 2. each temperature's field V_tau and its sum of squares (Alg. 2, PAPER.md 2), for lambda_tau (A.6);
 3. the force F = sum over tau of V_tau / (s_in lambda_tau), in the normalised units of the loss;
 4. the loss MSE(gen / s_in, sg(gen / s_in + F)) (PAPER.md 1) from F alone: its value is mean F^2 and its gradient
-   -2 F / (s_in numel) (``_DriftMSE``).
+   -2 F / (s_in numel) (``stop_gradient.StopGradientMSE``; the force buffer is written as that gradient).
 The rows (class group x location) are walked in chunks under ``max_chunk_elements`` by ``chunks.RowWalk``, whose
 docstring is where the memory budget is explained; everything here runs in float32, autocast off, no autograd.
 """
@@ -15,6 +15,7 @@ docstring is where the memory budget is explained; everything here runs in float
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -22,12 +23,12 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
-from drifting_lightning.drift.chunks import Chunk, RowWalk
+from drifting_lightning.drift.chunks import Chunk, RowWalk, Workspace
 from drifting_lightning.drift.fields import DriftField, MeanShift
 from drifting_lightning.drift.functional import is_temperature, mask_self_pairs
 from drifting_lightning.drift.kernels import Kernel, Laplace
+from drifting_lightning.drift.stop_gradient import StopGradientMSE
 
 FeatureDict = Mapping[str, Tensor]
 
@@ -52,41 +53,6 @@ class _Statistics:
     raw_sq: Tensor
 
 
-class _DriftMSE(torch.autograd.Function):
-    """MSE(gen / s_in, sg(gen / s_in + F)) from its value and F alone (PAPER.md 1: the stop-gradient loss).
-
-    forward(gen, value, force, grad_scale) returns the precomputed value; backward returns grad_scale * F times the
-    incoming gradient, with grad_scale = -2 / (s_in numel), in gen's dtype and strides. For float32 gen, backward
-    scales the force buffer in place and returns it: F is dead once the gradient exists, and autograd adopts the
-    buffer as gen.grad (same dtype and strides), so the loss holds no memory the gradient would not need anyway.
-    The price: one backward per loss; a second one (retain_graph=True) raises instead of reading a spent buffer.
-    """
-
-    @staticmethod
-    def forward(ctx, gen: Tensor, value: Tensor, force: Tensor, grad_scale: Tensor) -> Tensor:
-        ctx.save_for_backward(force, grad_scale)
-        ctx.gen_dtype = gen.dtype
-        ctx.spent = False
-        return value.clone()
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        if ctx.spent:
-            raise RuntimeError(
-                "DriftingLoss supports one backward per loss: the first turned its force buffer into the gradient "
-                "in place. Compute the loss again instead of backward(retain_graph=True) twice."
-            )
-        ctx.spent = True
-        force, grad_scale = ctx.saved_tensors
-        scale = grad_scale * grad_output
-        if force.dtype == ctx.gen_dtype:
-            return force.mul_(scale), None, None, None
-        grad = torch.empty_like(force, dtype=ctx.gen_dtype)
-        torch.mul(force, scale, out=grad)  # computed in float32, rounded once into gen's dtype
-        return grad, None, None, None
-
-
 class DriftingLoss(nn.Module):
     """The drifting loss over one or many feature sets (PAPER.md 2-3, 5).
 
@@ -99,7 +65,8 @@ class DriftingLoss(nn.Module):
     all-reduce S and lambda sums over ranks in "batch" mode so results do not depend on the number of ranks.
     mask_self: mask each generated sample against itself (paper Alg. 2), for the fields that ask for it.
     max_chunk_elements: bound on rows x N x T per chunk (None: no bound); the memory it buys is explained in
-    ``drifting_lightning.drift.chunks`` (``chunk_budget_bytes``).
+    ``drifting_lightning.drift.chunks`` (``chunk_budget_bytes``). On the CPU the loss keeps that working memory
+    from one call to the next (see ``_workspace_for``).
     """
 
     def __init__(
@@ -134,6 +101,7 @@ class DriftingLoss(nn.Module):
         self.distributed_statistics = distributed_statistics
         self.max_chunk_elements = max_chunk_elements
         self.mask_self = mask_self
+        self._cpu_workspaces: dict[int, Workspace] = {}
 
     def extra_repr(self) -> str:
         return (
@@ -163,9 +131,11 @@ class DriftingLoss(nn.Module):
         if not gen:
             raise ValueError("no features given to DriftingLoss")
         losses, sq_norms, stats = [], [], {}
+        # One for every feature (they run one after the other). On the CPU it outlives the call (see _workspace_for).
+        workspace = self._workspace_for(next(iter(gen.values())).device)
         for name in gen:
             loss, st, rows = self._feature_loss(name, gen[name], pos[name], None if neg is None else neg[name],
-                                                neg_weights)
+                                                neg_weights, workspace)
             sq_norm = st.raw_sq.sum(1) / rows  # mean ||V_tau||^2 over this rank's generated samples
             losses.append(loss)
             sq_norms.append(sq_norm)
@@ -176,47 +146,67 @@ class DriftingLoss(nn.Module):
             stats[f"{name}/loss"] = loss.detach()
         return DriftLossOutput(sum(losses[1:], losses[0]), sum(sq_norms[1:], sq_norms[0]), stats)
 
+    def _workspace_for(self, device: torch.device) -> Workspace:
+        """The CPU workspace lives as long as the loss: a step's buffers are then already faulted in for the next
+        step (drift/chunks.py), at the price of holding them between steps (at most the chunk budget plus the kept
+        matrices, which every step needs anyway while the generator's activations are alive). On a GPU the caching
+        allocator already reuses memory, so a new workspace per call returns it to the allocator at the end."""
+        if device.type != "cpu":
+            return Workspace()
+        # one per thread: a loss shared by threads (e.g. ranks simulated as threads) must not share buffers
+        return self._cpu_workspaces.setdefault(threading.get_ident(), Workspace())
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_cpu_workspaces"] = {}  # buffers, not state: a copy or a pickle starts without them
+        return state
+
     def _feature_loss(
-        self, name: str, gen: Tensor, pos: Tensor, neg: Tensor | None, neg_weights: Tensor | None
+        self, name: str, gen: Tensor, pos: Tensor, neg: Tensor | None, neg_weights: Tensor | None,
+        workspace: Workspace,
     ) -> tuple[Tensor, _Statistics, int]:
         """One feature's loss, its statistics and its number of generated samples (rows x N)."""
         weights = _check(name, gen, pos, neg, neg_weights)
         parts = [_locations(t) for t in ([gen.detach(), pos] if neg is None else [gen.detach(), neg, pos])]
-        walk = RowWalk(parts, weights, self.statistics == "group", self.max_chunk_elements, len(self.temperatures))
+        walk = RowWalk(parts, weights, self.statistics == "group", self.max_chunk_elements, len(self.temperatures),
+                       workspace)
         need_grad = gen.requires_grad and torch.is_grad_enabled()
         with torch.no_grad(), torch.autocast(gen.device.type, enabled=False):
             st = self._feature_scale(walk)  # A.6
-            fields = self._fields(walk, st) if self.drift_normalization or walk.keep_fields else None
+            keep = walk.keep_fields or walk.keep_coefficients
+            kept = self._fields(walk, st) if self.drift_normalization or keep else None
             if self.drift_normalization:
                 st.lam = self._drift_normalisation(walk, st)  # A.6
             factor = 1 / (st.s_in * st.lam)  # [temperatures, groups]: V_tau -> V_tau / (s_in lambda_tau)
-            force = torch.empty_like(gen, dtype=torch.float32) if need_grad else None
-            f_sq = self._force(walk, st, factor, fields, force)
-            walk.release()
             numel = gen.numel()
+            # The loss's gradient is -2 F / (s_in numel): the force buffer is written with that factor in, so it is
+            # the gradient as it stands (its sum of squares is scaled back for the value).
+            grad_scale = -2.0 / numel / st.s_in if need_grad else torch.ones_like(st.s_in)
+            force = torch.empty_like(gen, dtype=torch.float32) if need_grad else None
+            f_sq = (self._force(walk, st, factor * grad_scale, kept, force) / grad_scale.square()).sum()
             # Table 8: sum_tau mean(V~_tau^2), one MSE per temperature; authors' code: mean(F^2), one MSE against
-            # the summed field. Both have the gradient of the latter: d/dgen = -2 F / (s_in numel).
+            # the summed field. Both have the gradient of the latter.
             value = (st.raw_sq * factor.square()).sum() / numel if self.loss_per_temperature else f_sq / numel
-            grad_scale = (-2.0 / numel / st.s_in).view(-1, *([1] * (gen.dim() - 1)))
-        loss = _DriftMSE.apply(gen, value, force, grad_scale) if need_grad else value
+        loss = StopGradientMSE.apply(gen, value, force) if need_grad else value
         return loss, st, walk.rows * walk.n
 
     def _feature_scale(self, walk: RowWalk) -> _Statistics:
         """A.6: S = weighted mean distance of the generated samples to all targets (under stop-gradient, from the
         batch), s_in = max(S / sqrt(C), 1e-3) the scale the features are divided by. Pass 1 over the rows."""
         n_stats = walk.g if walk.per_group else 1
-        device = walk.parts[0].device
-        ones = torch.ones(n_stats, device=device)
-        lam = torch.ones(len(self.temperatures), n_stats, device=device)
+        ones = torch.ones(n_stats, device=walk.device)
+        lam = torch.ones(len(self.temperatures), n_stats, device=walk.device)
         raw_sq = torch.zeros_like(lam)
         if not self.feature_normalization:
             return _Statistics(ones, ones, lam, raw_sq)
         dw_sum, w_sum = torch.zeros_like(ones), torch.zeros_like(ones)
         for ch in walk.chunks():
-            column_sums = ch.distances.sum(1)  # [rows, T]
-            w = column_sums.new_ones(1, walk.t) if ch.weights is None else ch.weights
-            dw_sum.index_add_(0, ch.stat_ids, (column_sums * w).sum(-1))
-            w_sum.index_add_(0, ch.stat_ids, w.sum(-1).expand(len(ch.stat_ids)) * walk.n)
+            if ch.weights is None:
+                dw_sum.index_add_(0, ch.stat_ids, ch.distances.sum((1, 2)))
+                w_sum.index_add_(0, ch.stat_ids, torch.full_like(ch.stat_ids, walk.t * walk.n, dtype=torch.float32))
+            else:  # one product with the weights reads each distance once
+                dw_sum.index_add_(0, ch.stat_ids, torch.bmm(ch.distances, ch.weights.unsqueeze(-1)).sum((1, 2)))
+                w_sum.index_add_(0, ch.stat_ids, ch.weights.sum(-1) * walk.n)
         dw_sum, w_sum = self._reduce(dw_sum, w_sum)
         scale = dw_sum / w_sum
         return _Statistics(scale, (scale / math.sqrt(walk.c)).clamp_min(1e-3), lam, raw_sq)
@@ -227,72 +217,96 @@ class DriftingLoss(nn.Module):
         sq, counts = self._reduce(st.raw_sq, counts)
         return (sq / (counts * st.s_in.square())).clamp_min(1e-8).sqrt()
 
-    def _coefficients(self, walk: RowWalk, ch: Chunk, st: _Statistics) -> Iterator[Tensor]:
-        """Alg. 2 per temperature: W_tau [rows, N, T] with V_tau = W_tau @ Y - rowsum(W_tau) x, in feature units.
+    def _coefficients(self, walk: RowWalk, ch: Chunk, st: _Statistics, out: Tensor | None = None) -> Iterator[Tensor]:
+        """Alg. 2 per temperature: W_tau [rows, N, T] with V_tau = W_tau @ Y in feature units (``_fold``), in
+        ``out[k]`` for temperature k when given, else in one reused workspace matrix.
 
         A.6 divides distances by S; kernels depend on d / tau only, so k(d / S, tau) = k(d, tau S): no normalised
-        copy of the distances. Each W is the kernel's logits, turned into coefficients in place by the field."""
+        copy of the distances. Each W is the kernel's logits, turned into coefficients in place by the field. The
+        field may take them relative to each row's largest logit: kernels fall with distance, so that is the logit
+        of the row's smallest distance, found once for every temperature."""
         d_div = _per_row(st.scale.clamp_min(1e-3), ch)
-        for tau in self.temperatures:
-            logits = self.kernel.logits(ch.distances, d_div * tau)
-            if self.mask_self and self.field.masks_self:
-                mask_self_pairs(logits)
-            yield self.field.coefficients(logits, walk.n_neg, ch.weights)
+        masked = self.mask_self and self.field.masks_self
+        nearest = _nearest(ch.distances, walk.n, masked) if self._wants_row_maxima(walk) else None
+        for k, tau in enumerate(self.temperatures):
+            buffer = out[k] if out is not None else walk.workspace.take("logits", ch.distances.shape, walk.device)
+            result = None
+            if nearest is not None:  # relative to each row's largest, which the field takes as a hint
+                logits = self.kernel.relative_logits(ch.distances, d_div * tau, nearest, out=buffer)
+                if masked:
+                    mask_self_pairs(logits)
+                row_maxima = self.kernel.logits(nearest, d_div * tau)
+                result = self.field.coefficients_and_row_sums(logits, walk.n_neg, ch.weights, row_maxima)
+            if result is None:  # no hint, or the field spent the relative logits and asks for plain ones
+                logits = self.kernel.logits(ch.distances, d_div * tau, out=buffer)
+                if masked:
+                    mask_self_pairs(logits)
+                result = self.field.coefficients_and_row_sums(logits, walk.n_neg, ch.weights)
+            yield _fold(*result, walk.n)
 
-    def _fields(self, walk: RowWalk, st: _Statistics) -> list[list[Tensor]] | None:
-        """Pass 2: every temperature's V per chunk, its sum of squares into ``st.raw_sq``; kept for the force when
-        ``walk.keep_fields`` (else None, and the force pass recomputes them): the fields themselves, or their
-        coefficients W (folded by ``_field``) when ``walk.keep_coefficients`` (T < C: W [rows, N, T] is the smaller,
-        and the force then needs one product of their weighted sum instead of a pass over every V)."""
-        kept: list[list[Tensor]] = []
+    def _wants_row_maxima(self, walk: RowWalk) -> bool:
+        return walk.device.type == "cpu" and self.field.uses_row_maxima
+
+    def _fields(self, walk: RowWalk, st: _Statistics) -> Tensor | None:
+        """Pass 2: every temperature's V per chunk and its sum of squares into ``st.raw_sq``. Returns what the force
+        needs kept ([temperatures, R, N, C or T], else None: the force pass recomputes them): the fields
+        themselves when ``walk.keep_fields``, or their coefficients W when ``walk.keep_coefficients`` (the force
+        is then one product of their weighted sum)."""
+        kept = None
+        if walk.keep_fields or walk.keep_coefficients:
+            size = walk.c if walk.keep_fields else walk.t
+            kept = walk.workspace.take("kept_fields", (len(self.temperatures), walk.rows, walk.n, size), walk.device)
         for ch in walk.chunks():
-            fields = []
-            for k, coef in enumerate(self._coefficients(walk, ch, st)):
-                v = _field(coef, ch.targets, walk.n)
-                st.raw_sq[k].index_add_(0, ch.stat_ids, _sq_norms(v))
-                if walk.keep_fields:
-                    fields.append(coef if walk.keep_coefficients else v)
-                del coef, v  # before the next temperature's logits exist
-            kept.append(fields)
-        return kept if walk.keep_fields else None
+            coef_out = kept[:, ch.rows] if walk.keep_coefficients else None
+            for k, coef in enumerate(self._coefficients(walk, ch, st, coef_out)):
+                v_shape = (len(ch.stat_ids), walk.n, walk.c)
+                v_out = kept[k, ch.rows] if walk.keep_fields else walk.workspace.take("field", v_shape, walk.device)
+                v = torch.bmm(coef, ch.targets, out=v_out)
+                _add_sq_sums(st.raw_sq[k], v, ch, walk.per_group)
+        return kept
 
     def _force(
-        self, walk: RowWalk, st: _Statistics, factor: Tensor, fields: list[list[Tensor]] | None, force: Tensor | None
+        self, walk: RowWalk, st: _Statistics, factor: Tensor, kept: Tensor | None, force: Tensor | None
     ) -> Tensor:
-        """F = sum_tau V_tau / (s_in lambda_tau) into ``force`` (gen's shape; None: value only); returns sum F^2.
+        """sum_tau factor_tau V_tau into ``force`` (gen's shape; None: value only); returns its sum of squares per
+        statistics group.
 
-        From the kept fields, from the kept coefficients or in one more pass: V is linear in W, so
-        F = (sum_tau W_tau factor_tau) @ Y - rowsum(...) x, one product per chunk. That pass also sums each V_tau^2
-        when pass 2 did not run."""
-        f_sq = torch.zeros((), device=walk.parts[0].device)
+        From the kept fields (their weighted sum, written in gen's layout), else in one product per chunk: V is
+        linear in W, so F = (sum_tau W_tau factor_tau) @ Y, from the kept coefficients or recomputed ones (that
+        pass also sums each V_tau^2 when pass 2 did not run)."""
+        f_sq = torch.zeros_like(st.s_in)
         force_loc = None if force is None else _locations(force)
-        from_coefficients = fields is None or walk.keep_coefficients
-        for i, ch in enumerate(walk.chunks(data=from_coefficients)):
-            if not from_coefficients:
-                vs = fields[i]
-                f_c = vs[0].mul_(_per_row(factor[0], ch))
+        for ch in walk.chunks(data=not walk.keep_fields):
+            rows = (len(ch.stat_ids), walk.n, walk.c)
+            if walk.keep_fields:
+                vs = kept[:, ch.rows]
+                region = walk.workspace.take("field", rows, walk.device) if force_loc is None else None
+                f_c = walk.in_layout(region, ch) if region is not None else force_loc[ch.groups, :, ch.locs]
+                torch.mul(walk.in_layout(vs[0], ch), _per_row_in_layout(factor[0], walk, ch), out=f_c)
                 for k in range(1, len(vs)):
-                    f_c.addcmul_(vs[k], _per_row(factor[k], ch))
-                vs.clear()
+                    f_c.addcmul_(walk.in_layout(vs[k], ch), _per_row_in_layout(factor[k], walk, ch))
+                _add_sq_sums(f_sq, f_c, ch, walk.per_group)
+                continue
+            if walk.keep_coefficients:
+                ws = kept[:, ch.rows]
+                w_sum = ws[0].mul_(_per_row(factor[0], ch))
+                for k in range(1, len(ws)):
+                    w_sum.addcmul_(ws[k], _per_row(factor[k], ch))
             else:
-                w_sum = None
-                coefs = self._coefficients(walk, ch, st) if fields is None else fields[i]
-                for k, coef in enumerate(coefs):
-                    if fields is None and not self.drift_normalization:  # the statistics need each V_tau
-                        # _field folds -rowsum(W) into W's diagonal, which leaves W's rows summing to 0: the folded
-                        # W still sums into the same force, so no copy of it is needed
-                        st.raw_sq[k].index_add_(0, ch.stat_ids, _sq_norms(_field(coef, ch.targets, walk.n)))
+                w_sum = walk.workspace.take("coefficient_sum", ch.distances.shape, walk.device)
+                for k, coef in enumerate(self._coefficients(walk, ch, st)):
+                    if not self.drift_normalization:  # the statistics need each V_tau
+                        v = torch.bmm(coef, ch.targets, out=walk.workspace.take("field", rows, walk.device))
+                        _add_sq_sums(st.raw_sq[k], v, ch, walk.per_group)
                     f_rows = _per_row(factor[k], ch)
-                    w_sum = coef.mul_(f_rows) if w_sum is None else w_sum.addcmul_(coef, f_rows)
-                    del coef
-                if fields is not None:
-                    fields[i].clear()
-                f_c = _field(w_sum, ch.targets, walk.n)
-                del w_sum
-            f_sq += _sq_norms(f_c).sum()
-            if force_loc is not None:
-                walk.scatter(force_loc, ch, f_c)
-            del f_c
+                    torch.mul(coef, f_rows, out=w_sum) if k == 0 else w_sum.addcmul_(coef, f_rows)
+            if force_loc is None:
+                f_c = torch.bmm(w_sum, ch.targets, out=walk.workspace.take("field", rows, walk.device))
+                _add_sq_sums(f_sq, f_c, ch, walk.per_group)
+                continue
+            for w_rows, y_rows, out in walk.group_views(force_loc, ch, w_sum, ch.targets):
+                torch.bmm(w_rows, y_rows, out=out)  # written in gen's layout: the product takes strided outputs
+            _add_sq_sums(f_sq, force_loc[ch.groups, :, ch.locs], ch, walk.per_group)
         return f_sq
 
     def _reduce(self, *sums: Tensor) -> tuple[Tensor, ...]:
@@ -312,11 +326,26 @@ def _per_row(values: Tensor, ch: Chunk) -> Tensor:
     return values[0] if len(values) == 1 else values[ch.stat_ids, None, None]
 
 
-def _field(coef: Tensor, y: Tensor, n: int) -> Tensor:
-    """V = W @ Y - rowsum(W) x [rows, N, C] as ONE product (overwrites ``coef``): the first N targets are the
+def _per_row_in_layout(values: Tensor, walk: RowWalk, ch: Chunk) -> Tensor:
+    """``_per_row`` for a chunk's region of the features [groups, N, locs, C]."""
+    if len(values) == 1:
+        return values[0]
+    return values[ch.stat_ids].view(ch.groups.stop - ch.groups.start, 1, ch.locs.stop - ch.locs.start, 1)
+
+
+def _fold(coef: Tensor, row_sums: Tensor, n: int) -> Tensor:
+    """W with V = W @ Y - rowsum(W) x turned into V = W' @ Y, ONE product (in place): the first N targets are the
     generated samples x themselves, so -rowsum(W) joins the diagonal of W's generated block."""
-    coef[..., :n].diagonal(dim1=-2, dim2=-1).sub_(coef.sum(-1))
-    return torch.bmm(coef, y)
+    coef[..., :n].diagonal(dim1=-2, dim2=-1).sub_(row_sums.squeeze(-1))
+    return coef
+
+
+def _nearest(d: Tensor, n: int, masked: bool) -> Tensor:
+    """Each row's smallest distance [rows, N, 1], self-pairs left out when ``masked``: their distance becomes +inf for
+    good (the mask overwrites their logits anyway). Kernels fall with distance: its logit is the row's largest."""
+    if masked:
+        d[:, :, :n].diagonal(dim1=1, dim2=2).fill_(math.inf)
+    return d.amin(-1, keepdim=True)
 
 
 def _as_dict(x: Tensor | FeatureDict) -> dict[str, Tensor]:
@@ -328,9 +357,16 @@ def _locations(t: Tensor) -> Tensor:
     return t.unsqueeze(2) if t.dim() == 3 else t
 
 
-def _sq_norms(v: Tensor) -> Tensor:
-    """sum of v^2 per row of v [rows, N, C] -> [rows], without a [rows, N, C] temporary (norms over C, then a sum)."""
-    return torch.linalg.vector_norm(v, dim=-1).square_().sum(-1)
+def _add_sq_sums(sums: Tensor, v: Tensor, ch: Chunk, per_group: bool) -> None:
+    """Adds sum of v^2 into ``sums`` [statistics groups], v being chunk ``ch``'s rows [rows, N, C] or its region
+    [groups, N, locs, C] of the features: one reduction over the whole chunk, or one per class group of it (a chunk
+    holds whole groups or part of one)."""
+    if not per_group:
+        sums[0] += torch.linalg.vector_norm(v).square()
+        return
+    gs = ch.groups.stop - ch.groups.start
+    grouped = v if v.dim() == 4 else v.view(gs, -1, *v.shape[1:])
+    sums[ch.groups] += torch.linalg.vector_norm(grouped, dim=(1, 2, 3)).square()
 
 
 def _check(name: str, gen: Tensor, pos: Tensor, neg: Tensor | None, neg_weights: Tensor | None) -> Tensor | None:

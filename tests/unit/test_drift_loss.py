@@ -288,21 +288,29 @@ def test_chunked_equals_unchunked(statistics, loc):
 
 
 class _ShapeSpy(Laplace):
-    """Laplace that records the shape of every distance matrix it sees."""
+    """Laplace that records the shape of every distance matrix it turns into logits (in batch statistics, where
+    Laplace's relative logits are one operation and do not call ``logits`` on the matrix)."""
 
     def __init__(self):
-        self.shapes = []
+        self.shapes, self.relative = [], []
 
-    def logits(self, distance, temperature):
+    def logits(self, distance, temperature, out=None):
+        if distance.shape[-1] != 1:  # not the rows' nearest distances
+            self.shapes.append(tuple(distance.shape))
+        return super().logits(distance, temperature, out=out)
+
+    def relative_logits(self, distance, temperature, nearest, out=None):
         self.shapes.append(tuple(distance.shape))
-        return super().logits(distance, temperature)
+        self.relative.append(tuple(distance.shape))
+        return super().relative_logits(distance, temperature, nearest, out=out)
 
 
 @pytest.mark.parametrize("loc", [None, 4])
 @pytest.mark.parametrize("rows", [1, 3, 5, 100])
 def test_max_chunk_elements_bounds_every_distance_matrix(loc, rows):
     """rows x N x T <= max_chunk_elements for every [rows, N, T] matrix, and each temperature sees every row once
-    in the last pass (chunks are whole groups or locations of one group)."""
+    per pass (chunks are whole groups or locations of one group) in the relative logits the field starts from (a
+    chunk where the field declines them gets plain logits too: also bounded)."""
     g, n, p, m = 3, 5, 4, 2
     t = n + m + p
     gen, pos, neg, w = make(g, n, p, m, 6, seed=15, loc=loc)
@@ -310,7 +318,7 @@ def test_max_chunk_elements_bounds_every_distance_matrix(loc, rows):
     DriftingLoss(kernel=spy, max_chunk_elements=rows * n * t)(gen, pos, neg, w)
     assert all(r * nn * tt <= max(rows, 1) * n * t and (nn, tt) == (n, t) for r, nn, tt in spy.shapes), spy.shapes
     per_pass = len(TAUS) * g * (loc or 1)
-    assert sum(r for r, _, _ in spy.shapes) % per_pass == 0  # each pass covers every row once per temperature
+    assert spy.relative and sum(r for r, _, _ in spy.relative) % per_pass == 0
 
 
 def test_locations_equal_manually_regrouped_rows():
