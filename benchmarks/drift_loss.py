@@ -31,8 +31,9 @@ size (RSS, /proc/self/statm) as the baseline, resets the kernel's peak-RSS mark 
 so an earlier transient peak from imports does not hide the growth) and reports ru_maxrss at the end minus the
 baseline: the peak extra memory of the loss over its inputs, gradient included. On CUDA it reports
 max_memory_allocated minus the memory allocated after the inputs. For the engine it then measures one forward
-without gradient the same way (baseline and peak mark reset again after the gradient is dropped): the chunked
-working set alone, with no force buffer. Freed blocks that the C allocator keeps for reuse instead of returning
+without gradient the same way, with a new loss object (baseline and peak mark reset again after the gradient and
+the first loss, which keeps its working memory between calls on the CPU, are dropped): the chunked working set
+alone, with no force buffer. Freed blocks that the C allocator keeps for reuse instead of returning
 them (blocks under its mmap threshold, 32 MiB at most) are not counted again by this second baseline.
 
 Chunk budget: ``drifting_lightning.drift.chunks.chunk_budget_bytes``, the bound that module's docstring states:
@@ -144,8 +145,10 @@ def worker(spec: dict) -> dict:
     extra = peak_extra(timed_runs)
     forward = None
     if spec["impl"] == "engine":
-        # The chunked working set alone: a forward without gradient has no force buffer, nothing gen-sized.
+        # The chunked working set alone: a forward without gradient has no force buffer, nothing gen-sized. A new
+        # loss object: on the CPU a loss keeps its working memory between calls, which would hide it here.
         gen.grad = None
+        loss_fn = DriftingLoss(temperatures=TEMPERATURES, max_chunk_elements=spec["chunk"])
         forward = peak_extra(lambda: loss_fn(gen.detach(), pos, neg, w))
     input_bytes = sum(t.numel() * t.element_size() for t in (gen, pos, neg, w))
     return {**spec, "time": statistics.median(times), "times": times, "extra": extra, "forward_extra": forward,
