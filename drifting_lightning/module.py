@@ -104,6 +104,7 @@ class DriftingModule(pl.LightningModule):
         self._group_generator: torch.Generator | None = None  # re-seeded for every class group's stream
         self._grad_norm: Tensor | None = None  # this step's global gradient norm, for the check and the clipping
         self._skipped = False  # this step was skipped (nonfinite="skip")
+        self._drop_gradients = False  # a loss skipped on more than one rank left NaN in the (accumulated) gradients
         self._skips = self._skips_in_a_row = self._steps = 0  # of this fit
         # A latent run's samples are decoded to images for grids, Frechet metrics and `drifting sample`.
         self.decoder = LatentDecoder(vae, vae_allow_hub, vae_dtype) if vae is not None else None
@@ -132,7 +133,14 @@ class DriftingModule(pl.LightningModule):
         finite = bool(torch.isfinite(out.loss).item())
         if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
             stats = ", ".join(f"{k}={v.item():.4g}" for k, v in out.stats.items())
-            return self._handle_nonfinite("the drift loss", stats)
+            self._handle_nonfinite("the drift loss", stats)  # raises unless the step may be skipped
+            if self.trainer.world_size == 1:
+                return None
+            # Lightning refuses None on more than one rank. All ranks agree on the skip (the decision above is
+            # all-reduced), so each runs the backward its DDP/FSDP collectives expect, and on_before_optimizer_step
+            # drops the gradients. NaN makes them non-finite for certain, so that a GradScaler skips the step too.
+            self._drop_gradients = True
+            return out.loss * float("nan")
         self.log("train/loss", out.loss, prog_bar=True)
         self.log_dict({f"drift/{k}": v for k, v in out.stats.items()})
         for tau, sq_norm in zip(self.loss.temperatures, out.drift_sq_norm, strict=True):
@@ -169,6 +177,7 @@ class DriftingModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         check_generator_fits_data(self.ema_generator, self.trainer.datamodule)  # the EMA copy is never wrapped
         self._skips = self._skips_in_a_row = self._steps = 0
+        self._drop_gradients = False
         # Rank 0's seed (the one seed_everything set) for every rank's group streams.
         self._noise_seed = self.trainer.strategy.broadcast(torch.initial_seed())
 
@@ -194,7 +203,13 @@ class DriftingModule(pl.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self._grad_norm = None
-        if self._skipped or getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if self._drop_gradients:  # reported and counted by training_step; under accumulation, maybe batches ago
+            self._drop_gradients, self._skipped = False, True  # _skipped: no EMA update for this optimiser step
+            if scaler is None:
+                optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without a gradient untouched
+            return
+        if self._skipped or scaler is not None:
             return  # 16-mixed: Inf gradients are how the GradScaler calibrates; it skips those steps itself
         grads = _local_gradients(self.generator)
         if not grads:

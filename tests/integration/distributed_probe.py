@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -16,15 +17,33 @@ class DistributedProbe(pl.Callback):
     """Writes ``<out>/rank<r>.json`` at the end of training: how the generator's parameters are held on this rank
     (DTensor or not, local and full element counts) and the unclipped gradient norm of every step. With
     ``die_rank`` set, that rank ends its process abruptly (``os._exit``, no clean-up, as a killed or crashed
-    worker would) when training step ``die_step`` starts."""
+    worker would) when training step ``die_step`` starts. With ``nan_rank`` set, that rank's generator outputs NaN
+    in training step ``nan_step`` (so its drift loss is NaN there), and the report holds a digest of the generator's
+    and the EMA's weights after every step."""
 
-    def __init__(self, out: str, die_rank: int | None = None, die_step: int = 1) -> None:
+    def __init__(self, out: str, die_rank: int | None = None, die_step: int = 1, nan_rank: int | None = None,
+                 nan_step: int = 1) -> None:  # fmt: skip
         self.out, self.die_rank, self.die_step = Path(out), die_rank, die_step
+        self.nan_rank, self.nan_step = nan_rank, nan_step
         self.grad_norms: list[float] = []
+        self.digests: list[list[str]] = []
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.global_rank != self.nan_rank:
+            return
+
+        def poison(module: torch.nn.Module, args: Any, x: torch.Tensor) -> torch.Tensor:
+            return x * float("nan") if trainer.global_step == self.nan_step else x
+
+        pl_module.generator.register_forward_hook(poison)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if trainer.global_rank == self.die_rank and trainer.global_step == self.die_step:
             os._exit(17)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self.nan_rank is not None:
+            self.digests.append([_digest(pl_module.generator), _digest(pl_module.ema_generator)])
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         # Gathering a sharded gradient is a collective: every rank runs this hook.
@@ -43,6 +62,13 @@ class DistributedProbe(pl.Callback):
             "numel": sum(p.numel() for p in params),
             "ema_numel": sum(p.numel() for p in pl_module.ema_generator.parameters()),
             "grad_norms": self.grad_norms,
+            "digests": self.digests,
         }
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
+
+
+def _digest(module: torch.nn.Module) -> str:
+    """SHA-256 of the module's whole parameters (gathered when sharded: a collective, every rank calls it)."""
+    params = [p.full_tensor() if isinstance(p, DTensor) else p for p in module.parameters()]
+    return hashlib.sha256(torch.cat([p.detach().flatten() for p in params]).numpy().tobytes()).hexdigest()
