@@ -18,13 +18,13 @@ class DistributedProbe(pl.Callback):
     (DTensor or not, local and full element counts) and the unclipped gradient norm of every step. With
     ``die_rank`` set, that rank ends its process abruptly (``os._exit``, no clean-up, as a killed or crashed
     worker would) when training step ``die_step`` starts. With ``nan_rank`` set, that rank's generator outputs NaN
-    in training step ``nan_step`` (so its drift loss is NaN there), and the report holds a digest of the generator's
-    and the EMA's weights after every step."""
+    in batch ``nan_batch`` of the epoch (so its drift loss is NaN there), and the report holds a digest of the
+    generator's and the EMA's weights after every batch."""
 
     def __init__(self, out: str, die_rank: int | None = None, die_step: int = 1, nan_rank: int | None = None,
-                 nan_step: int = 1) -> None:  # fmt: skip
+                 nan_batch: int = 1) -> None:  # fmt: skip
         self.out, self.die_rank, self.die_step = Path(out), die_rank, die_step
-        self.nan_rank, self.nan_step = nan_rank, nan_step
+        self.nan_rank, self.nan_batch, self.batch_idx = nan_rank, nan_batch, -1
         self.grad_norms: list[float] = []
         self.digests: list[list[str]] = []
 
@@ -33,11 +33,13 @@ class DistributedProbe(pl.Callback):
             return
 
         def poison(module: torch.nn.Module, args: Any, x: torch.Tensor) -> torch.Tensor:
-            return x * float("nan") if trainer.global_step == self.nan_step else x
+            return x * float("nan") if self.batch_idx == self.nan_batch else x
 
         pl_module.generator.register_forward_hook(poison)
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+                             ) -> None:  # fmt: skip
+        self.batch_idx = batch_idx
         if trainer.global_rank == self.die_rank and trainer.global_step == self.die_step:
             os._exit(17)
 

@@ -269,28 +269,31 @@ def test_tensor_parallel_mesh_is_refused_with_the_flags_to_set():
         shard_fsdp2(torch.nn.Linear(2, 2), Mesh())
 
 
-@pytest.mark.parametrize("strategy", ["ddp", pytest.param("fsdp2", marks=pytest.mark.slow)])
-def test_a_nonfinite_loss_on_one_rank_is_skipped_on_every_rank(tmp_path: Path, strategy):
-    """model.nonfinite=skip, 2 ranks, rank 1's drift loss NaN in step 1 only (Lightning refuses a None loss on more
-    than one rank): the run finishes its 3 steps, both ranks skip step 1 (weights and EMA as after step 0, the same
-    on both ranks, the gradient NaN on both after the all-reduce), steps 0 and 2 move them, the skip is reported
-    once and counted once, and AdamW counts 2 steps."""
+@pytest.mark.parametrize(("strategy", "accumulate"), [
+    ("ddp", 1), pytest.param("fsdp2", 1, marks=pytest.mark.slow), pytest.param("ddp", 2, marks=pytest.mark.slow),
+])  # fmt: skip
+def test_a_nonfinite_loss_on_one_rank_is_skipped_on_every_rank(tmp_path: Path, strategy, accumulate):
+    """model.nonfinite=skip, 2 ranks, rank 1's drift loss NaN in the first batch of step 1 only (Lightning refuses a
+    None loss on more than one rank): the run finishes its 3 steps, both ranks skip step 1 (weights and EMA as after
+    step 0, the same on both ranks, the gradient NaN on both after the all-reduce), steps 0 and 2 move them, the skip
+    is reported once and counted once, and AdamW counts 2 steps. With 2 batches accumulated per step, the NaN batch
+    is the first one (DDP's no_sync): the whole step is skipped, and only once."""
     finished = fit(tmp_path, 2, "--config", str(REPO / "configs/toy/two_moons.yaml"), "--trainer.max_steps", "3",
-                   "--model.init_args.nonfinite", "skip", "--model.init_args.max_consecutive_skips", "2",
-                   "--model.init_args.generated_per_group", "32", "--data.init_args.positives_per_step", "32",
-                   "--model.init_args.generator.init_args.hidden", "[32]", *(DDP if strategy == "ddp" else FSDP2),
-                   probe={"nan_rank": 1, "nan_step": 1})  # fmt: skip
+                   "--trainer.accumulate_grad_batches", str(accumulate), "--model.init_args.nonfinite", "skip",
+                   "--model.init_args.max_consecutive_skips", "2", "--model.init_args.generated_per_group", "32",
+                   "--data.init_args.positives_per_step", "32", "--model.init_args.generator.init_args.hidden", "[32]",
+                   *(DDP if strategy == "ddp" else FSDP2), probe={"nan_rank": 1, "nan_batch": accumulate})  # fmt: skip
     check(finished)
     rank0, rank1 = probes(tmp_path)
-    assert rank0["digests"] == rank1["digests"] and len(rank0["digests"]) == 3
-    after = rank0["digests"]
+    assert rank0["digests"] == rank1["digests"] and len(rank0["digests"]) == 3 * accumulate
+    after = rank0["digests"][accumulate - 1 :: accumulate]  # after each optimiser step
     for part in (0, 1):  # generator, EMA
         assert after[0][part] == after[1][part] != after[2][part]
     norms = np.array([rank0["grad_norms"], rank1["grad_norms"]])
     assert np.isnan(norms[:, 1]).all() and np.isfinite(norms[:, [0, 2]]).all()
     assert finished.stdout.count("NaN/Inf in the drift loss at step 1: step skipped") == 1
     assert finished.stdout.count("NaN/Inf in") == 1
-    assert "[drifting] 1 of 3 steps skipped" in finished.stdout
+    assert f"[drifting] 1 of {3 * accumulate} steps skipped" in finished.stdout
     saved = checkpoint(tmp_path)
     assert saved["global_step"] == 3
     assert all(float(s["step"]) == 2 for s in saved["optimizer_states"][0]["state"].values())
