@@ -139,16 +139,11 @@ def _cross_weight_(
     W_pos = A_pos * rowsum(A_neg), W_neg = A_neg * rowsum(A_pos), negatives signed negative, so that
     V = W_pos @ y+ - W_neg @ y- (written as W @ Y - rowsum(W) x to allow unequal scales). Returns W and its row
     sums, rowsum(A_neg) rowsum(A_pos) (attraction - repulsion), known without a pass."""
-    neg_mass = a[..., :n_neg].sum(-1, keepdim=True)
-    pos_mass = a[..., n_neg:].sum(-1, keepdim=True)
-    if row_factor is not None:
-        neg_mass.mul_(row_factor)
-        pos_mass.mul_(row_factor)
-        a[..., :n_neg].mul_(pos_mass * row_factor * -repulsion)
-        a[..., n_neg:].mul_(neg_mass * row_factor * attraction)
-    else:
-        a[..., :n_neg].mul_(pos_mass * -repulsion)
-        a[..., n_neg:].mul_(neg_mass * attraction)
+    r = 1.0 if row_factor is None else row_factor
+    neg_mass = a[..., :n_neg].sum(-1, keepdim=True) * r
+    pos_mass = a[..., n_neg:].sum(-1, keepdim=True) * r
+    a[..., :n_neg].mul_(pos_mass * r * -repulsion)
+    a[..., n_neg:].mul_(neg_mass * r * attraction)
     return a, neg_mass.mul_(pos_mass).mul_(attraction - repulsion)
 
 

@@ -227,25 +227,20 @@ class DriftingLoss(nn.Module):
         of the row's smallest distance, found once for every temperature."""
         d_div = _per_row(st.scale.clamp_min(1e-3), ch)
         masked = self.mask_self and self.field.masks_self
-        nearest = _nearest(ch.distances, walk.n, masked) if self._wants_row_maxima(walk) else None
+        hint = walk.device.type == "cpu" and self.field.uses_row_maxima
+        nearest = _nearest(ch.distances, walk.n, masked) if hint else None
         for k, tau in enumerate(self.temperatures):
             buffer = out[k] if out is not None else walk.workspace.take("logits", ch.distances.shape, walk.device)
             result = None
             if nearest is not None:  # relative to each row's largest, which the field takes as a hint
                 logits = self.kernel.relative_logits(ch.distances, d_div * tau, nearest, out=buffer)
-                if masked:
-                    mask_self_pairs(logits)
                 row_maxima = self.kernel.logits(nearest, d_div * tau)
-                result = self.field.coefficients_and_row_sums(logits, walk.n_neg, ch.weights, row_maxima)
+                result = self.field.coefficients_and_row_sums(_masked(logits, masked), walk.n_neg, ch.weights,
+                                                              row_maxima)
             if result is None:  # no hint, or the field spent the relative logits and asks for plain ones
                 logits = self.kernel.logits(ch.distances, d_div * tau, out=buffer)
-                if masked:
-                    mask_self_pairs(logits)
-                result = self.field.coefficients_and_row_sums(logits, walk.n_neg, ch.weights)
+                result = self.field.coefficients_and_row_sums(_masked(logits, masked), walk.n_neg, ch.weights)
             yield _fold(*result, walk.n)
-
-    def _wants_row_maxima(self, walk: RowWalk) -> bool:
-        return walk.device.type == "cpu" and self.field.uses_row_maxima
 
     def _fields(self, walk: RowWalk, st: _Statistics) -> Tensor | None:
         """Pass 2: every temperature's V per chunk and its sum of squares into ``st.raw_sq``. Returns what the force
@@ -282,9 +277,9 @@ class DriftingLoss(nn.Module):
                 vs = kept[:, ch.rows]
                 region = walk.workspace.take("field", rows, walk.device) if force_loc is None else None
                 f_c = walk.in_layout(region, ch) if region is not None else force_loc[ch.groups, :, ch.locs]
-                torch.mul(walk.in_layout(vs[0], ch), _per_row_in_layout(factor[0], walk, ch), out=f_c)
+                torch.mul(walk.in_layout(vs[0], ch), _per_row_in_layout(factor[0], ch), out=f_c)
                 for k in range(1, len(vs)):
-                    f_c.addcmul_(walk.in_layout(vs[k], ch), _per_row_in_layout(factor[k], walk, ch))
+                    f_c.addcmul_(walk.in_layout(vs[k], ch), _per_row_in_layout(factor[k], ch))
                 _add_sq_sums(f_sq, f_c, ch, walk.per_group)
                 continue
             if walk.keep_coefficients:
@@ -326,11 +321,15 @@ def _per_row(values: Tensor, ch: Chunk) -> Tensor:
     return values[0] if len(values) == 1 else values[ch.stat_ids, None, None]
 
 
-def _per_row_in_layout(values: Tensor, walk: RowWalk, ch: Chunk) -> Tensor:
+def _per_row_in_layout(values: Tensor, ch: Chunk) -> Tensor:
     """``_per_row`` for a chunk's region of the features [groups, N, locs, C]."""
     if len(values) == 1:
         return values[0]
     return values[ch.stat_ids].view(ch.groups.stop - ch.groups.start, 1, ch.locs.stop - ch.locs.start, 1)
+
+
+def _masked(logits: Tensor, masked: bool) -> Tensor:
+    return mask_self_pairs(logits) if masked else logits
 
 
 def _fold(coef: Tensor, row_sums: Tensor, n: int) -> Tensor:
