@@ -119,13 +119,14 @@ class RowWalk:
         self._targets = workspace.take("kept_targets", (self.rows, t, c), self.device) if fits(
             self.rows * t * c) else None
         self._inputs_ready = False  # the kept distances and targets hold every row
+        self._span_rows: list[tuple[slice, Tensor, Tensor | None]] = []  # ``_rows`` of each span, once
         self._targets_of: slice | None = None  # the rows whose targets the workspace buffer holds
 
     def chunks(self, data: bool = True) -> Iterator[Chunk]:
         """Every chunk, one at a time (its workspace views are reused by the next); without ``data``, the rows
         alone (no targets, no distances)."""
-        for groups, locs in self.spans:
-            yield self._build(groups, locs, data)
+        for i, (groups, locs) in enumerate(self.spans):
+            yield self._build(i, groups, locs, data)
         if data:
             self._inputs_ready = True
 
@@ -144,7 +145,8 @@ class RowWalk:
         gs, ls = chunk.groups.stop - chunk.groups.start, chunk.locs.stop - chunk.locs.start
         return rows.view(gs, ls, self.n, self.c).transpose(1, 2)
 
-    def _build(self, groups: slice, locs: slice, data: bool) -> Chunk:
+    def _rows(self, groups: slice, locs: slice) -> tuple[slice, Tensor, Tensor | None]:
+        """A chunk's range of rows, statistics ids [rows] and column weights [rows, T] (or None)."""
         ls = locs.stop - locs.start
         first = groups.start * self.loc + locs.start
         rows = slice(first, first + (groups.stop - groups.start) * ls)
@@ -152,6 +154,12 @@ class RowWalk:
         if not self.per_group:
             ids = torch.zeros_like(ids)
         w = None if self.weights is None else self.weights[groups].repeat_interleave(ls, dim=0)
+        return rows, ids, w
+
+    def _build(self, i: int, groups: slice, locs: slice, data: bool) -> Chunk:
+        if i == len(self._span_rows):  # first walk: every later pass reuses them
+            self._span_rows.append(self._rows(groups, locs))
+        rows, ids, w = self._span_rows[i]
         if not data:
             return Chunk(groups, locs, rows, ids, w)
         y = self._chunk_targets(groups, locs, rows)
