@@ -48,6 +48,9 @@ CACHE_ELEMENTS = 2**22
 # The distance product x y^T (y transposed) sums over at most this many channels at a time: one thread of a 2-core
 # Xeon (MKL) ran it at 44-58 GFLOPS over C = 256 and 49 over C = 1024, at 66-72 in slices of 128 (88 at C = 128).
 PRODUCT_CHANNELS = 128
+# Rows of a chunk whose coefficients one temperature's elementwise passes (kernel, field) run over at a time on the
+# CPU: about a dozen passes over [rows, N, T], so a slab near the cache beats one over the whole chunk.
+FIELD_SLAB_ELEMENTS = 2**20
 # Up to this many channels, distances come from per-channel differences (exact) instead of the matrix product.
 DIRECT_CHANNELS = 8
 
@@ -88,6 +91,27 @@ class Chunk:
     weights: Tensor | None
     targets: Tensor | None = None
     distances: Tensor | None = None
+
+    def per_row(self, values: Tensor) -> Tensor:
+        """A per-statistics-group vector as a factor for the chunk's [rows, ., .] matrices: [rows, 1, 1], or a 0-d
+        tensor when all rows share one group (a scalar broadcasts faster)."""
+        return values[0] if len(values) == 1 else values[self.stat_ids, None, None]
+
+    def per_row_in_layout(self, values: Tensor) -> Tensor:
+        """``per_row`` for the chunk's region of the features [groups, N, locs, C]."""
+        if len(values) == 1:
+            return values[0]
+        return values[self.stat_ids].view(self.groups.stop - self.groups.start, 1, self.locs.stop - self.locs.start, 1)
+
+    def add_sq_sums(self, sums: Tensor, v: Tensor, per_group: bool) -> None:
+        """Adds sum of v^2 into ``sums`` [statistics groups], v being the chunk's rows [rows, N, C] or its region
+        [groups, N, locs, C] of the features: one reduction over the whole chunk, or one per class group of it (a
+        chunk holds whole groups or part of one)."""
+        if not per_group:
+            sums[0] += torch.linalg.vector_norm(v).square()
+            return
+        grouped = v if v.dim() == 4 else v.view(self.groups.stop - self.groups.start, -1, *v.shape[1:])
+        sums[self.groups] += torch.linalg.vector_norm(grouped, dim=(1, 2, 3)).square()
 
 
 class RowWalk:
@@ -210,6 +234,12 @@ def spans(g: int, loc: int, rows: int) -> list[tuple[slice, slice]]:
         step = rows // loc
         return [(slice(a, min(a + step, g)), slice(0, loc)) for a in range(0, g, step)]
     return [(slice(a, a + 1), slice(b, min(b + rows, loc))) for a in range(g) for b in range(0, loc, rows)]
+
+
+def field_slabs(rows: int, per_row: int, device: torch.device) -> list[slice]:
+    """Slices of a chunk's ``rows`` for the field's passes: FIELD_SLAB_ELEMENTS at a time on the CPU, one on a GPU."""
+    step = rows if device.type != "cpu" else max(1, FIELD_SLAB_ELEMENTS // per_row)
+    return [slice(a, min(a + step, rows)) for a in range(0, rows, step)]
 
 
 def _distances(y: Tensor, n: int, out: Tensor) -> Tensor:

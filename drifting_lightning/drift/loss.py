@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from drifting_lightning.drift.chunks import Chunk, RowWalk, Workspace
+from drifting_lightning.drift.chunks import Chunk, RowWalk, Workspace, field_slabs
 from drifting_lightning.drift.fields import DriftField, MeanShift
 from drifting_lightning.drift.functional import is_temperature, mask_self_pairs
 from drifting_lightning.drift.kernels import Kernel, Laplace
@@ -224,23 +224,37 @@ class DriftingLoss(nn.Module):
         A.6 divides distances by S; kernels depend on d / tau only, so k(d / S, tau) = k(d, tau S): no normalised
         copy of the distances. Each W is the kernel's logits, turned into coefficients in place by the field. The
         field may take them relative to each row's largest logit: kernels fall with distance, so that is the logit
-        of the row's smallest distance, found once for every temperature."""
-        d_div = _per_row(st.scale.clamp_min(1e-3), ch)
+        of the row's smallest distance, found once for every temperature. On the CPU the field runs over the chunk
+        in slabs of rows (``chunks.FIELD_SLAB_ELEMENTS``): its dozen passes then stay near the cache."""
+        d_div = ch.per_row(st.scale.clamp_min(1e-3))
         masked = self.mask_self and self.field.masks_self
         hint = walk.device.type == "cpu" and self.field.uses_row_maxima
         nearest = _nearest(ch.distances, walk.n, masked) if hint else None
+        pick = lambda t, s: t if t is None or t.dim() == 0 else t[s]  # noqa: E731  (a slab's rows)
+        slabs = [(s, ch.distances[s], pick(d_div, s), pick(nearest, s), pick(ch.weights, s))
+                 for s in field_slabs(len(ch.stat_ids), walk.n * walk.t, walk.device)]
         for k, tau in enumerate(self.temperatures):
-            buffer = out[k] if out is not None else walk.workspace.take("logits", ch.distances.shape, walk.device)
-            result = None
-            if nearest is not None:  # relative to each row's largest, which the field takes as a hint
-                logits = self.kernel.relative_logits(ch.distances, d_div * tau, nearest, out=buffer)
-                row_maxima = self.kernel.logits(nearest, d_div * tau)
-                result = self.field.coefficients_and_row_sums(_masked(logits, masked), walk.n_neg, ch.weights,
-                                                              row_maxima)
-            if result is None:  # no hint, or the field spent the relative logits and asks for plain ones
-                logits = self.kernel.logits(ch.distances, d_div * tau, out=buffer)
-                result = self.field.coefficients_and_row_sums(_masked(logits, masked), walk.n_neg, ch.weights)
-            yield _fold(*result, walk.n)
+            coef = out[k] if out is not None else walk.workspace.take("logits", ch.distances.shape, walk.device)
+            for s, d, div, near, weights in slabs:
+                self._slab_coefficients(d, div * tau, near, weights, walk, masked, coef[s])
+            yield coef
+
+    def _slab_coefficients(
+        self, distances: Tensor, temperature: Tensor, nearest: Tensor | None, weights: Tensor | None,
+        walk: RowWalk, masked: bool, out: Tensor,
+    ) -> None:
+        """One temperature's W for a slab of a chunk's rows into ``out``, ``temperature`` tau S (``_coefficients``)."""
+        result = None
+        if nearest is not None:  # relative to each row's largest, which the field takes as a hint
+            logits = self.kernel.relative_logits(distances, temperature, nearest, out=out)
+            row_maxima = self.kernel.logits(nearest, temperature)
+            result = self.field.coefficients_and_row_sums(_masked(logits, masked), walk.n_neg, weights, row_maxima)
+        if result is None:  # no hint, or the field spent the relative logits and asks for plain ones
+            logits = self.kernel.logits(distances, temperature, out=out)
+            result = self.field.coefficients_and_row_sums(_masked(logits, masked), walk.n_neg, weights)
+        coef = _fold(*result, walk.n)
+        if coef.data_ptr() != out.data_ptr():  # a field that returns a new matrix (e.g. SinkhornDrift)
+            out.copy_(coef)
 
     def _fields(self, walk: RowWalk, st: _Statistics) -> Tensor | None:
         """Pass 2: every temperature's V per chunk and its sum of squares into ``st.raw_sq``. Returns what the force
@@ -257,7 +271,7 @@ class DriftingLoss(nn.Module):
                 v_shape = (len(ch.stat_ids), walk.n, walk.c)
                 v_out = kept[k, ch.rows] if walk.keep_fields else walk.workspace.take("field", v_shape, walk.device)
                 v = torch.bmm(coef, ch.targets, out=v_out)
-                _add_sq_sums(st.raw_sq[k], v, ch, walk.per_group)
+                ch.add_sq_sums(st.raw_sq[k], v, walk.per_group)
         return kept
 
     def _force(
@@ -277,31 +291,31 @@ class DriftingLoss(nn.Module):
                 vs = kept[:, ch.rows]
                 region = walk.workspace.take("field", rows, walk.device) if force_loc is None else None
                 f_c = walk.in_layout(region, ch) if region is not None else force_loc[ch.groups, :, ch.locs]
-                torch.mul(walk.in_layout(vs[0], ch), _per_row_in_layout(factor[0], ch), out=f_c)
+                torch.mul(walk.in_layout(vs[0], ch), ch.per_row_in_layout(factor[0]), out=f_c)
                 for k in range(1, len(vs)):
-                    f_c.addcmul_(walk.in_layout(vs[k], ch), _per_row_in_layout(factor[k], ch))
-                _add_sq_sums(f_sq, f_c, ch, walk.per_group)
+                    f_c.addcmul_(walk.in_layout(vs[k], ch), ch.per_row_in_layout(factor[k]))
+                ch.add_sq_sums(f_sq, f_c, walk.per_group)
                 continue
             if walk.keep_coefficients:
                 ws = kept[:, ch.rows]
-                w_sum = ws[0].mul_(_per_row(factor[0], ch))
+                w_sum = ws[0].mul_(ch.per_row(factor[0]))
                 for k in range(1, len(ws)):
-                    w_sum.addcmul_(ws[k], _per_row(factor[k], ch))
+                    w_sum.addcmul_(ws[k], ch.per_row(factor[k]))
             else:
                 w_sum = walk.workspace.take("coefficient_sum", ch.distances.shape, walk.device)
                 for k, coef in enumerate(self._coefficients(walk, ch, st)):
                     if not self.drift_normalization:  # the statistics need each V_tau
                         v = torch.bmm(coef, ch.targets, out=walk.workspace.take("field", rows, walk.device))
-                        _add_sq_sums(st.raw_sq[k], v, ch, walk.per_group)
-                    f_rows = _per_row(factor[k], ch)
+                        ch.add_sq_sums(st.raw_sq[k], v, walk.per_group)
+                    f_rows = ch.per_row(factor[k])
                     torch.mul(coef, f_rows, out=w_sum) if k == 0 else w_sum.addcmul_(coef, f_rows)
             if force_loc is None:
                 f_c = torch.bmm(w_sum, ch.targets, out=walk.workspace.take("field", rows, walk.device))
-                _add_sq_sums(f_sq, f_c, ch, walk.per_group)
+                ch.add_sq_sums(f_sq, f_c, walk.per_group)
                 continue
             for w_rows, y_rows, out in walk.group_views(force_loc, ch, w_sum, ch.targets):
                 torch.bmm(w_rows, y_rows, out=out)  # written in gen's layout: the product takes strided outputs
-            _add_sq_sums(f_sq, force_loc[ch.groups, :, ch.locs], ch, walk.per_group)
+            ch.add_sq_sums(f_sq, force_loc[ch.groups, :, ch.locs], walk.per_group)
         return f_sq
 
     def _reduce(self, *sums: Tensor) -> tuple[Tensor, ...]:
@@ -313,19 +327,6 @@ class DriftingLoss(nn.Module):
         packed = torch.cat([s.reshape(-1) for s in sums])
         dist.all_reduce(packed)
         return tuple(p.reshape(s.shape) for p, s in zip(packed.split([s.numel() for s in sums]), sums, strict=True))
-
-
-def _per_row(values: Tensor, ch: Chunk) -> Tensor:
-    """A per-statistics-group vector as a factor for the chunk's [rows, ., .] matrices: [rows, 1, 1], or a 0-d
-    tensor when all rows share one group (a scalar broadcasts faster)."""
-    return values[0] if len(values) == 1 else values[ch.stat_ids, None, None]
-
-
-def _per_row_in_layout(values: Tensor, ch: Chunk) -> Tensor:
-    """``_per_row`` for a chunk's region of the features [groups, N, locs, C]."""
-    if len(values) == 1:
-        return values[0]
-    return values[ch.stat_ids].view(ch.groups.stop - ch.groups.start, 1, ch.locs.stop - ch.locs.start, 1)
 
 
 def _masked(logits: Tensor, masked: bool) -> Tensor:
@@ -354,18 +355,6 @@ def _as_dict(x: Tensor | FeatureDict) -> dict[str, Tensor]:
 def _locations(t: Tensor) -> Tensor:
     """[G, K, C] -> [G, K, 1, C] view; [G, K, L, C] as is."""
     return t.unsqueeze(2) if t.dim() == 3 else t
-
-
-def _add_sq_sums(sums: Tensor, v: Tensor, ch: Chunk, per_group: bool) -> None:
-    """Adds sum of v^2 into ``sums`` [statistics groups], v being chunk ``ch``'s rows [rows, N, C] or its region
-    [groups, N, locs, C] of the features: one reduction over the whole chunk, or one per class group of it (a chunk
-    holds whole groups or part of one)."""
-    if not per_group:
-        sums[0] += torch.linalg.vector_norm(v).square()
-        return
-    gs = ch.groups.stop - ch.groups.start
-    grouped = v if v.dim() == 4 else v.view(gs, -1, *v.shape[1:])
-    sums[ch.groups] += torch.linalg.vector_norm(grouped, dim=(1, 2, 3)).square()
 
 
 def _check(name: str, gen: Tensor, pos: Tensor, neg: Tensor | None, neg_weights: Tensor | None) -> Tensor | None:

@@ -16,6 +16,7 @@ from drifting_lightning.drift import (
     Laplace,
     MeanShift,
     SinkhornDrift,
+    chunks,
     drift_field,
 )
 from drifting_lightning.drift.reference import authors_loss
@@ -285,6 +286,33 @@ def test_chunked_equals_unchunked(statistics, loc):
             close(stats_c[key], stats[key])
     # A budget below one row still runs, one row at a time.
     close(value_and_grad(DriftingLoss(statistics=statistics, max_chunk_elements=1), gen, pos, neg, w)[0], value)
+
+
+@pytest.mark.parametrize("statistics", ["batch", "group"])
+@pytest.mark.parametrize("field", [MeanShift(), MeanShift("targets"), SinkhornDrift(iterations=3)], ids=repr)
+def test_field_slabs_equal_one_slab(monkeypatch, statistics, field):
+    """The field's passes over a chunk in slabs of rows (one row each here) give what one pass over it gives."""
+    g, n, p, m, loc = 3, 5, 4, 2, 3
+    gen, pos, neg, w = make(g, n, p, m, 6, seed=8, loc=loc)
+    whole = value_and_grad(DriftingLoss(field=field, statistics=statistics), gen, pos, neg, w)
+    monkeypatch.setattr(chunks, "FIELD_SLAB_ELEMENTS", n * (n + m + p))
+    slabbed = value_and_grad(DriftingLoss(field=field, statistics=statistics), gen, pos, neg, w)
+    close(slabbed[0], whole[0])
+    close(slabbed[1], whole[1])
+
+
+@pytest.mark.parametrize("field", [MeanShift(), SinkhornDrift(iterations=3)], ids=repr)
+def test_kept_coefficients_equal_recomputed_ones(field):
+    """A bound that fits every temperature's W but not their V (C > T) keeps W for the force pass, also for a
+    field that returns its coefficients in a new matrix instead of the engine's buffer."""
+    g, n, p, m, c = 2, 4, 3, 2, 16
+    t = n + m + p
+    gen, pos, neg, w = make(g, n, p, m, c, seed=9)
+    value, grad, _ = value_and_grad(DriftingLoss(field=field), gen, pos, neg, w)
+    kept = DriftingLoss(field=field, max_chunk_elements=len(TAUS) * g * n * t)
+    value_k, grad_k, _ = value_and_grad(kept, gen, pos, neg, w)
+    close(value_k, value)
+    close(grad_k, grad)
 
 
 class _ShapeSpy(Laplace):
