@@ -97,6 +97,18 @@ def test_matches_the_authors_loss_at_the_ablation_shape():
     close(grad, ref_grad)
 
 
+def test_targets_far_beyond_the_exponentials_range_match_the_authors_loss():
+    """Relative logits far below float32's exp range (here down to about -2000 at tau = 0.02): the engine raises
+    them to LOWEST_RELATIVE_LOGIT before its exponential, which must not change the loss."""
+    gen, pos, neg, w = make(4, 16, 12, 4, 8, seed=3)
+    pos = pos.clone()
+    pos[:, -3:] *= 40  # a few positives far away from everything else
+    value, grad, _ = value_and_grad(DriftingLoss(), gen, pos, neg, w)
+    ref_value, ref_grad, _ = value_and_grad(authors_loss, gen, pos, neg, w)
+    close(value, ref_value)
+    close(grad, ref_grad)
+
+
 @pytest.mark.parametrize("c", [2, 32])
 def test_features_far_from_the_origin_keep_their_digits(c):
     """A common offset (post-activation features, latents with a mean) must not cost accuracy: distances come from
