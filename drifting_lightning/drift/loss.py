@@ -230,8 +230,7 @@ class DriftingLoss(nn.Module):
         masked = self.mask_self and self.field.masks_self
         hint = walk.device.type == "cpu" and self.field.uses_row_maxima
         nearest = _nearest(ch.distances, walk.n, masked) if hint else None
-        pick = lambda t, s: t if t is None or t.dim() == 0 else t[s]  # noqa: E731  (a slab's rows)
-        slabs = [(s, ch.distances[s], pick(d_div, s), pick(nearest, s), pick(ch.weights, s))
+        slabs = [(s, ch.distances[s], _slab_of(d_div, s), _slab_of(nearest, s), _slab_of(ch.weights, s))
                  for s in field_slabs(len(ch.stat_ids), walk.n * walk.t, walk.device)]
         for k, tau in enumerate(self.temperatures):
             coef = out[k] if out is not None else walk.workspace.take("logits", ch.distances.shape, walk.device)
@@ -333,6 +332,11 @@ class DriftingLoss(nn.Module):
         packed = torch.cat([s.reshape(-1) for s in sums])
         dist.all_reduce(packed)
         return tuple(p.reshape(s.shape) for p, s in zip(packed.split([s.numel() for s in sums]), sums, strict=True))
+
+
+def _slab_of(t: Tensor | None, rows: slice) -> Tensor | None:
+    """The slab's rows of a per-row tensor of a chunk; a 0-d factor (shared by every row) or None as it is."""
+    return t if t is None or t.dim() == 0 else t[rows]
 
 
 def _masked(logits: Tensor, masked: bool) -> Tensor:
