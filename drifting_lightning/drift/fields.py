@@ -110,8 +110,11 @@ def _floored_both_one_exp(
     factor per group, u_n = exp(rowmax_n - M) with M the group's largest logit, so it is E u / colsum(E u). Underflow
     in E or u only drops entries far below the floor, as long as every column's mass colsum(E u) >= 1e-15 (an entry
     above the floor has E >= 1e-12 and E u >= 1e-12 colsum(E u), far from float32's smallest). Without ``row_max``
-    that is checked before anything is overwritten, from the columns' largest logits (None: ``logits`` untouched);
-    with it, on the computed masses (None: ``logits`` spent). A fully masked column fails either check.
+    that is checked before anything is overwritten, from the columns' largest logits (None: ``logits`` untouched;
+    a fully masked column fails it); with it, on the computed masses (None: ``logits`` spent), where a lighter
+    column also passes when all its E are <= floor: then its row softmaxes are too, every affinity in it is the
+    floor, and the computed column softmax, <= 1 like the true one, cannot lift any of them above it (features with
+    outliers, e.g. a far positive, give such columns at small temperatures).
     With r = sqrt(u / rowsum) and c = colsum(E u)^(-1/2): max(E r c, f) w = r max(E c, f / r) w, two passes over
     [G, N, T] instead of three, and w only where it is not 1 (the extra negatives' columns).
     """
@@ -124,7 +127,10 @@ def _floored_both_one_exp(
     e = logits.clamp_min_(LOWEST_RELATIVE_LOGIT).exp_()
     row_scale = row_max.sub_(row_max.amax(-2, keepdim=True)).exp_()  # u = exp(rowmax - M)
     col_mass = torch.bmm(row_scale.transpose(1, 2), e)  # [G, 1, T]: colsum(E u)
-    if relative and not bool((col_mass >= MIN_COLUMN_MASS).all()):
+    # a light column is harmless if none of its entries exceeds the floor on its row's softmax alone (E <= floor, as
+    # every row sum of E is >= 1): its affinities are then the floor, whatever its mass
+    light = col_mass < MIN_COLUMN_MASS if relative else None
+    if light is not None and bool(light.any()) and bool(light.logical_and_(e.amax(-2, keepdim=True) > floor).any()):
         return None
     # r of a row far from everything underflows; any r <= 1e-30 gives the same A (r E c <= 1e-30 x 10^7.5 stays
     # below every floor allowed here), so clamping it keeps f / r finite and r x f / r = f

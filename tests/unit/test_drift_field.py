@@ -372,3 +372,40 @@ def test_one_exponential_path_declines_a_fully_masked_column():
     untouched = logits.clone()
     assert fields._floored_both_one_exp(logits, 1e-6) is None
     assert torch.equal(logits, untouched)
+
+
+def _relative_one_exp(logits, floor):
+    """The engine's call: logits relative to their rows' largest, with those maxima as the hint."""
+    from drifting_lightning.drift import fields
+
+    row_max = logits.amax(-1, keepdim=True)
+    factored = fields._floored_both_one_exp(logits - row_max, floor, None, row_max.clone())
+    return None if factored is None else factored[0] * factored[1]
+
+
+def _log_domain_affinities(logits, floor):
+    expected = logits - logits.logsumexp(-1, keepdim=True) / 2 - logits.logsumexp(-2, keepdim=True) / 2
+    return expected.clamp_min(0.5 * math.log(floor)).exp()
+
+
+def test_one_exponential_path_keeps_a_light_column_whose_entries_are_below_the_floor():
+    """A target far from every row (relative logits -500: its column's mass underflows) no longer makes the path
+    decline: each of its entries is below the floor on its row's softmax alone, so its affinities are the floor."""
+    floor = 1e-6
+    logits = -5 * torch.rand(2, 5, 9, generator=torch.Generator().manual_seed(4))
+    logits[..., 8] -= 500
+    fast = _relative_one_exp(logits, floor)
+    assert fast is not None
+    torch.testing.assert_close(fast, _log_domain_affinities(logits.double(), floor).float(), rtol=1e-5, atol=1e-7)
+
+
+def test_one_exponential_path_declines_a_light_column_that_one_far_row_dominates():
+    """A row far from everything (its largest logit 500 below the others') whose nearest target is far from every
+    other row: that column's mass underflows, yet its affinity for that row is far above the floor. Declined."""
+    floor = 1e-6
+    logits = -5 * torch.rand(1, 5, 9, generator=torch.Generator().manual_seed(5))
+    logits[0, 2] -= 500
+    logits[0, 2, 7] = -500.0  # row 2's nearest target
+    logits[0, [0, 1, 3, 4], 7] = -900.0  # far from every other row
+    assert _log_domain_affinities(logits.double(), floor)[0, 2, 7] > 0.1
+    assert _relative_one_exp(logits, floor) is None
