@@ -1,9 +1,11 @@
 """Fixtures of the authors' feature encoders (run through tools/official_fixtures.py --only encoder, in the JAX venv).
 
 Writes into ``out``:
-- ``mae_latent/``, ``mae_pixel/``: tiny random ``MAEResNetJAX`` artifacts in their format (parameters stored as
-  bfloat16 to keep the files small; both sides compute in float32 from the same rounded values). ``mae_pixel`` keeps
-  only the encoder (their decoder at its smallest width would double the fixtures; the latent MAE tests the loss);
+- ``mae_latent/``, ``mae_pixel/``: tiny ``MAEResNetJAX`` artifacts, as ``metadata.json`` + ``params_spec.json``
+  instead of the megabytes of ``ema_params.msgpack``: every parameter's shape and their initialiser's mean and
+  standard deviation, from which ``synthetic_params.values`` rebuilds bfloat16-exact weights (their code runs on
+  those, and the tests write them into their msgpack format). ``mae_pixel`` keeps only the encoder (the latent MAE
+  tests the decoder and the loss);
 - ``mae_latent.npz``, ``mae_pixel.npz``: a fixed input ``x`` (NHWC), every feature set of their
   ``build_activation_function`` (``global`` + ``get_activations``) as ``feat/<name>``, and their ``__call__`` on a
   fixed batch (``mae_latent`` only): ``labels``, the ``mask`` their masking rng drew (NHWC, 1 = masked),
@@ -35,25 +37,12 @@ CONVNEXT = {"depths": [1, 1, 2, 1], "hidden_sizes": [8, 16, 32, 64], "num_labels
 NUM_CLASSES = 10
 
 
-def _bf16_round(tree):
-    import jax
-    import jax.numpy as jnp
-
-    return jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), tree)
-
-
-def _as_f32(tree):
-    import jax
-    import jax.numpy as jnp
-
-    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), tree)
-
-
 def _write_mae(out: Path, name: str, spec: dict) -> None:
     import jax
     import jax.numpy as jnp
     from models.mae_model import MAEResNetJAX
-    from official_fixtures import write_artifact
+    from official_fixtures import write_metadata
+    from synthetic_params import spec_of, values
 
     config = {k: spec[k] for k in ("in_channels", "base_channels", "layers", "input_patch_size")}
     config.update(patch_size=2, dropout_prob=0.0, use_bf16=False, num_classes=NUM_CLASSES)
@@ -64,9 +53,13 @@ def _write_mae(out: Path, name: str, spec: dict) -> None:
     labels = jnp.asarray([3, 7], jnp.int32)
     variables = model.init({"params": jax.random.PRNGKey(1), "masking": jax.random.PRNGKey(2)}, x, labels,
                            train=False)
-    stored = _bf16_round(variables["params"])
-    write_artifact(out / name, stored if spec["whole"] else {"encoder": stored["encoder"]}, "mae", config)
-    params = _as_f32(stored)
+    # Their initialiser's shapes and statistics, stored as a spec: the tests rebuild the weights from it
+    # (synthetic_params) instead of reading megabytes of random numbers.
+    init_spec = spec_of(jax.device_get(variables["params"]))
+    kept = init_spec if spec["whole"] else {"encoder": init_spec["encoder"]}
+    write_metadata(out / name, "mae", config)
+    (out / name / "params_spec.json").write_text(json.dumps(kept) + "\n", encoding="utf-8")
+    params = jax.tree.map(jnp.asarray, values(kept))
 
     # Their activation function (build_activation_function) prepends the raw input as "global".
     feats = model.apply({"params": params}, x, method=model.get_activations, patch_mean_size=[2, 4],

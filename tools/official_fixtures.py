@@ -43,8 +43,13 @@ def write_artifact(folder: Path, params: Any, kind: str, model_config: dict[str,
     """Their artifact format: ``metadata.json`` + ``ema_params.msgpack`` (flax ``msgpack_serialize``)."""
     from flax import serialization
 
-    folder.mkdir(parents=True, exist_ok=True)
+    write_metadata(folder, kind, model_config)
     (folder / "ema_params.msgpack").write_bytes(serialization.msgpack_serialize(params))
+
+
+def write_metadata(folder: Path, kind: str, model_config: dict[str, Any]) -> None:
+    """The ``metadata.json`` of their artifact format."""
+    folder.mkdir(parents=True, exist_ok=True)
     metadata = {
         "format": "flax.msgpack",
         "kind": kind,

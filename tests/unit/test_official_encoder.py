@@ -3,7 +3,9 @@ fixtures written by their JAX code (tools/official_encoder_fixtures.py)."""
 
 from __future__ import annotations
 
+import json
 import shutil
+import sys
 from pathlib import Path
 
 import msgpack
@@ -18,7 +20,25 @@ from drifting_lightning.encoders.resnet_mae import ResNetConfig, ResNetMAE
 from drifting_lightning.official.artifact import ArtifactError
 from drifting_lightning.official.encoder import import_encoder, load_mae_model
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "official"
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "tests" / "fixtures" / "official"
+sys.path.insert(0, str(ROOT / "tools"))
+from synthetic_params import values, write_flax_msgpack  # noqa: E402  (pure numpy, shared with the fixture tool)
+
+
+@pytest.fixture
+def mae_artifact(tmp_path: Path):
+    """Their artifact folder for a committed MAE fixture: its metadata and the weights rebuilt from its spec."""
+
+    def build(name: str) -> Path:
+        folder = tmp_path / "artifacts" / name
+        folder.mkdir(parents=True)
+        shutil.copy(FIXTURES / name / "metadata.json", folder)
+        spec = json.loads((FIXTURES / name / "params_spec.json").read_text(encoding="utf-8"))
+        write_flax_msgpack(folder / "ema_params.msgpack", values(spec))
+        return folder
+
+    return build
 
 
 def fixture(name: str) -> dict[str, np.ndarray]:
@@ -43,16 +63,16 @@ def assert_features_match(ours: dict[str, torch.Tensor], theirs: dict[str, np.nd
 
 @pytest.mark.parametrize("name,arch", [("mae_latent", ResNetConfig(4, 32, (1, 4, 2, 1))),
                                        ("mae_pixel", ResNetConfig(3, 32, (2, 2, 1, 1), patchify=8))])
-def test_imported_mae_returns_their_features(name: str, arch: ResNetConfig, tmp_path: Path):
-    path = import_encoder(FIXTURES / name, tmp_path)
+def test_imported_mae_returns_their_features(name: str, arch: ResNetConfig, tmp_path: Path, mae_artifact):
+    path = import_encoder(mae_artifact(name), tmp_path)
     encoder = ResNetMAE(checkpoint=str(path))
     assert encoder.arch == arch
     theirs = fixture(name)
     assert_features_match(encoder(nchw(theirs["x"])), theirs)
 
 
-def test_mae_loss_matches_theirs():
-    model = load_mae_model(FIXTURES / "mae_latent")  # the pixel fixture keeps only the encoder (size)
+def test_mae_loss_matches_theirs(mae_artifact):
+    model = load_mae_model(mae_artifact("mae_latent"))  # the pixel fixture keeps only the encoder (size)
     theirs = fixture("mae_latent")
     out = model(nchw(theirs["x"]), torch.from_numpy(theirs["labels"]).long(), nchw(theirs["mask"]),
                 float(theirs["lambda_cls"]))
@@ -83,8 +103,8 @@ def test_convnext_tiny_random_config_and_offline_error(tmp_path: Path, monkeypat
         ConvNeXtV2("facebook/convnextv2-base-22k-224")
 
 
-def test_imported_features_run_through_drifting_loss(tmp_path: Path):
-    encoder = ResNetMAE(checkpoint=str(import_encoder(FIXTURES / "mae_latent", tmp_path)))
+def test_imported_features_run_through_drifting_loss(tmp_path: Path, mae_artifact):
+    encoder = ResNetMAE(checkpoint=str(import_encoder(mae_artifact("mae_latent"), tmp_path)))
     torch.manual_seed(0)
     groups, gen_n, pos_n = 2, 3, 4
     gen = torch.randn(groups * gen_n, 4, 16, 16, requires_grad=True)
@@ -99,8 +119,10 @@ def test_imported_features_run_through_drifting_loss(tmp_path: Path):
     assert torch.isfinite(out.loss) and gen.grad.abs().sum() > 0
 
 
-def test_import_official_command_writes_an_encoder_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture):
-    assert import_official([str(FIXTURES / "mae_latent"), "--out", str(tmp_path / "enc")]) == 0
+def test_import_official_command_writes_an_encoder_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture, mae_artifact
+):
+    assert import_official([str(mae_artifact("mae_latent")), "--out", str(tmp_path / "enc")]) == 0
     assert "(mae)" in capsys.readouterr().out
     saved = torch.load(tmp_path / "enc" / "encoder.pt", weights_only=True)
     assert saved["encoder_config"] == {"in_channels": 4, "width": 32, "stages": [1, 4, 2, 1], "patchify": 1}
@@ -121,8 +143,8 @@ def _array(shape: tuple[int, ...]) -> msgpack.ExtType:
     return msgpack.ExtType(1, msgpack.packb((list(shape), "float32", data.tobytes())))
 
 
-def test_import_errors_name_key_and_shape(tmp_path: Path):
-    src = FIXTURES / "mae_latent"
+def test_import_errors_name_key_and_shape(tmp_path: Path, mae_artifact):
+    src = mae_artifact("mae_latent")
     missing = _rewrite(src, tmp_path / "missing", lambda t: t["encoder"]["layer2_norm"].pop("scale"))
     with pytest.raises(ArtifactError, match=r"encoder/layer2_norm/scale \[64\] is missing"):
         import_encoder(missing, tmp_path / "out")
