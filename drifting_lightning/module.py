@@ -234,15 +234,19 @@ class DriftingModule(pl.LightningModule):
         self._handle_nonfinite("the gradients", summary)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        scale = None if scaler is None else scaler.get_scale()
         # The closure (forward, loss, backward) runs inside the optimiser step, so this sees every training OOM.
         try:
             super().optimizer_step(*args, **kwargs)
         except torch.OutOfMemoryError as err:
             raise torch.OutOfMemoryError(self._oom_advice(err)) from err
+        # 16-mixed: a GradScaler that found Inf/NaN skipped the step and lowered its scale (it synced to decide)
+        scaler_skipped = scaler is not None and scaler.get_scale() < scale
         # The EMA follows optimiser steps (once per accumulated batch; a skipped step leaves it), and it is updated
         # here rather than in on_train_batch_end: Lightning runs the callbacks' on_train_batch_end, where
         # ModelCheckpoint(every_n_train_steps) saves, before the module's, and a checkpoint must hold its step's EMA.
-        if not self._skipped:
+        if not (self._skipped or scaler_skipped):
             self._update_ema()
 
     def _oom_advice(self, err: BaseException) -> str:

@@ -151,6 +151,30 @@ def test_nonfinite_gradients_skip_policy_leaves_the_weights_and_the_ema(tmp_path
     assert not torch.equal(finite.generator.state_dict()["head.weight"], start["head.weight"])
 
 
+def test_a_step_the_grad_scaler_skips_leaves_the_ema(tmp_path: Path):
+    """16-mixed: Inf gradients make the GradScaler skip the optimiser step (and halve its scale); the EMA must not
+    move toward weights that did not change. The next, finite step updates both."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    module = DriftingModule(MLPGenerator(hidden=[32]), generated_per_group=8, ema_decay=0.5)
+    with torch.no_grad():  # an EMA apart from the weights, which an update would move
+        torch._foreach_add_(list(module.ema_generator.parameters()), 1.0)
+    ema = {k: v.clone() for k, v in module.ema_generator.state_dict().items()}
+    calls = []
+
+    def inf_first(grad):
+        calls.append(1)
+        return grad * float("inf") if len(calls) == 1 else grad
+
+    next(module.generator.parameters()).register_hook(inf_first)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    trainer = _fit(module, tmp_path, steps=1, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    assert trainer.precision_plugin.scaler.get_scale() == 512.0  # the scaler did skip
+    assert all(torch.equal(module.ema_generator.state_dict()[k], v) for k, v in ema.items())
+    _fit(module, tmp_path, steps=1, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    assert not torch.equal(module.ema_generator.state_dict()["head.weight"], ema["head.weight"])
+
+
 def test_skip_policy_stops_after_max_consecutive_skips_like_stop(tmp_path: Path, capsys):
     module = DriftingModule(MLPGenerator(hidden=[32]), generated_per_group=8, nonfinite="skip",
                             max_consecutive_skips=2)  # fmt: skip
