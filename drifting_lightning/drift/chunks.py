@@ -22,28 +22,21 @@ recomputation:
   C = 256 and 0.93-0.97 for one global feature of C = 256 or 1024.
 Chunk temporaries and kept matrices live in a ``Workspace``: buffers that the first chunk allocates and every later
 chunk (and every later feature) reuses; on the CPU the loss keeps its workspace from one call to the next
-(``DriftingLoss._workspaces``). A fresh buffer of this size costs more than the arithmetic done in it: the C
+(``DriftingLoss._workspace_for``). A fresh buffer of this size costs more than the arithmetic done in it: the C
 allocator returns large blocks to the OS when they are freed, so each new one is faulted in page by page (on a
 2-core Xeon, filling a fresh 150 MB buffer took 66 ms against 19 ms for a reused one).
-Without a bound, chunks on the CPU hold ``CACHE_ELEMENTS`` (the matrix passes then stay near the cache), and when
-torch runs several threads ``CPU_CHUNK_WORKERS`` chunks are walked at once, each worker with a workspace of its
-own (so temporaries for that many chunks); on a GPU one chunk holds every row (fewer, larger kernels).
+Without a bound, chunks on the CPU hold ``CACHE_ELEMENTS`` (the matrix passes then stay near the cache); on a GPU
+one chunk holds every row (fewer, larger kernels).
 """
 
 from __future__ import annotations
 
 import math
-import os
-import threading
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TypeVar
 
 import torch
 from torch import Tensor
-
-R = TypeVar("R")
 
 # [rows, N, T] float32 matrices alive at once per chunk, at most (see the module docstring).
 LIVE_MATRICES = 3
@@ -60,14 +53,6 @@ PRODUCT_CHANNELS = 128
 FIELD_SLAB_ELEMENTS = 2**20
 # Up to this many channels, distances come from per-channel differences (exact) instead of the matrix product.
 DIRECT_CHANNELS = 8
-# Chunks walked at once on the CPU (each in its own Python thread, with its own temporaries) when torch runs more
-# than one thread, no memory bound is set and the feature has at least CPU_PARALLEL_ELEMENTS elements (rows x N x T).
-# A chunk is a few hundred operations: one stream of them leaves the cores idle in every operation's serial part and
-# barrier, two streams fill those gaps. Measured on a 2-core Xeon, two torch threads, forward + backward, time
-# against one chunk at a time (paired, medians): 0.70 at 37.7 M elements (G = 64, L = 64, N = 64, T = 144), 0.83-0.86
-# at 2.4-9.4 M, 0.95-1.06 at 0.6 M, and 2.7x the time (handing work over) for a [10, 24, 64]-target feature.
-CPU_CHUNK_WORKERS = 2
-CPU_PARALLEL_ELEMENTS = 2**21
 
 
 def chunk_budget_bytes(max_chunk_elements: int, n: int, t: int, c: int) -> int:
@@ -93,24 +78,17 @@ class Workspace:
         return buffer[:numel].view(shape)
 
 
-def worker_workspaces() -> list[Workspace]:
-    """A workspace for each of the ``CPU_CHUNK_WORKERS`` chunks a CPU walk may hold at once."""
-    return [Workspace() for _ in range(CPU_CHUNK_WORKERS)]
-
-
 @dataclass
 class Chunk:
     """Rows of one chunk: class groups x locations (a contiguous range ``rows`` of the R = G x L rows), their
-    statistics ids [rows], column weights [rows, T] (or None), the workspace for its temporaries (its worker's),
-    centred float32 targets [rows, T, C] (generated samples first) and distances [rows, N, T] (both None when the
-    walk was asked for the rows only)."""
+    statistics ids [rows], column weights [rows, T] (or None), centred float32 targets [rows, T, C] (generated
+    samples first) and distances [rows, N, T] (both None when the walk was asked for the rows only)."""
 
     groups: slice
     locs: slice
     rows: slice
     stat_ids: Tensor
     weights: Tensor | None
-    workspace: Workspace
     targets: Tensor | None = None
     distances: Tensor | None = None
 
@@ -139,17 +117,15 @@ class Chunk:
 class RowWalk:
     """The chunks of one feature. parts: [gen (detached), neg?, pos], each [G, K, L, C]; weights: [G, T] column
     weights or None; per_group: one statistics id per class group (else all rows share id 0); n_fields: the
-    temperatures, for what to keep (module docstring); workspaces: one per worker that may walk chunks at once
-    (``CPU_CHUNK_WORKERS``), the first also holding what is kept across passes."""
+    temperatures, for what to keep (module docstring)."""
 
     def __init__(
         self, parts: list[Tensor], weights: Tensor | None, per_group: bool, max_chunk_elements: int | None,
-        n_fields: int, workspaces: Sequence[Workspace],
+        n_fields: int, workspace: Workspace,
     ) -> None:
         g, n, loc, c = parts[0].shape
         t = sum(p.shape[1] for p in parts)
-        self.parts, self.weights, self.per_group = parts, weights, per_group
-        self.workspace = workspaces[0]
+        self.parts, self.weights, self.per_group, self.workspace = parts, weights, per_group, workspace
         self.g, self.n, self.loc, self.c, self.t = g, n, loc, c, t
         self.rows = g * loc
         self.n_neg = t - parts[-1].shape[1]  # the generated samples and the extra negatives
@@ -158,48 +134,25 @@ class RowWalk:
         per_chunk = self.rows if self.device.type != "cpu" else max(1, CACHE_ELEMENTS // (n * t))
         if bound is not None:
             per_chunk = min(per_chunk, max(1, bound // (n * t)))
-        # a memory bound is per chunk: then one chunk at a time; else several, in as many chunks of equal size
-        parallel = (bound is None and self.device.type == "cpu" and torch.get_num_threads() > 1
-                    and len(workspaces) > 1 and self.rows * n * t >= CPU_PARALLEL_ELEMENTS)
-        self.spans = spans(g, loc, per_chunk, multiple=len(workspaces) if parallel else 1)
-        self.workspaces = list(workspaces[: len(self.spans)]) if parallel else [self.workspace]
+        self.spans = spans(g, loc, per_chunk)
         fits = lambda elements: bound is None or elements <= bound  # noqa: E731
         self.keep_fields = fits(n_fields * self.rows * n * c)
         self.keep_coefficients = not self.keep_fields and fits(n_fields * self.rows * n * t)
-        self._distances = self.workspace.take("kept_distances", (self.rows, n, t), self.device) if fits(
+        self._distances = workspace.take("kept_distances", (self.rows, n, t), self.device) if fits(
             self.rows * n * t) else None
-        self._targets = self.workspace.take("kept_targets", (self.rows, t, c), self.device) if fits(
+        self._targets = workspace.take("kept_targets", (self.rows, t, c), self.device) if fits(
             self.rows * t * c) else None
         self._inputs_ready = False  # the kept distances and targets hold every row
-        self._span_rows = [self._rows(groups, locs) for groups, locs in self.spans]
-        self._targets_of: dict[int, slice] = {}  # per worker: the rows whose targets its workspace buffer holds
+        self._span_rows: list[tuple[slice, Tensor, Tensor | None]] = []  # ``_rows`` of each span, once
+        self._targets_of: slice | None = None  # the rows whose targets the workspace buffer holds
 
-    def map(self, fn: Callable[[Chunk], R], data: bool = True) -> list[R]:
-        """``fn`` of every chunk, in chunk order; without ``data``, chunks of the rows alone (no targets, no
-        distances). A chunk's workspace views are reused by the next chunk of its worker, so ``fn`` returns what
-        must outlive it. With several workers (``CPU_CHUNK_WORKERS``), worker k walks chunks k, k + workers, ...
-        in a thread of its own, grad and autocast off there as here; ``fn`` then must write nothing two chunks
-        share, and returns its chunk's part of any sum (the caller adds them in chunk order: the same result
-        whichever thread ran which chunk)."""
-        workers = len(self.workspaces)
-        if workers == 1:
-            results = [fn(self._build(i, data, 0)) for i in range(len(self.spans))]
-        else:
-            def walk(slot: int) -> list[R]:
-                with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
-                    return [fn(self._build(i, data, slot)) for i in range(slot, len(self.spans), workers)]
-
-            futures = [_pool().submit(walk, slot) for slot in range(1, workers)]
-            try:
-                first = walk(0)
-            except BaseException:
-                wait(futures)  # no worker outlives the walk: its buffers are the next walk's
-                raise
-            per_worker = [first] + [f.result() for f in futures]
-            results = [per_worker[i % workers][i // workers] for i in range(len(self.spans))]
+    def chunks(self, data: bool = True) -> Iterator[Chunk]:
+        """Every chunk, one at a time (its workspace views are reused by the next); without ``data``, the rows
+        alone (no targets, no distances)."""
+        for i, (groups, locs) in enumerate(self.spans):
+            yield self._build(i, groups, locs, data)
         if data:
             self._inputs_ready = True
-        return results
 
     def group_views(self, out: Tensor, chunk: Chunk, *rows: Tensor) -> Iterator[tuple[Tensor, ...]]:
         """Per class group of ``chunk``: its part of each of ``rows`` ([rows, ...] tensors of the chunk) and its
@@ -227,33 +180,34 @@ class RowWalk:
         w = None if self.weights is None else self.weights[groups].repeat_interleave(ls, dim=0)
         return rows, ids, w
 
-    def _build(self, i: int, data: bool, worker: int) -> Chunk:
-        (groups, locs), (rows, ids, w) = self.spans[i], self._span_rows[i]
-        workspace = self.workspaces[worker]
+    def _build(self, i: int, groups: slice, locs: slice, data: bool) -> Chunk:
+        if i == len(self._span_rows):  # first walk: every later pass reuses them
+            self._span_rows.append(self._rows(groups, locs))
+        rows, ids, w = self._span_rows[i]
         if not data:
-            return Chunk(groups, locs, rows, ids, w, workspace)
-        y = self._chunk_targets(groups, locs, rows, worker)
+            return Chunk(groups, locs, rows, ids, w)
+        y = self._chunk_targets(groups, locs, rows)
         if self._distances is None:
-            d = _distances(y, self.n, workspace.take("distances", (len(ids), self.n, self.t), self.device))
+            d = _distances(y, self.n, self.workspace.take("distances", (len(ids), self.n, self.t), self.device))
         elif self._inputs_ready:
             d = self._distances[rows]
         else:
             d = _distances(y, self.n, self._distances[rows])
-        return Chunk(groups, locs, rows, ids, w, workspace, y, d)
+        return Chunk(groups, locs, rows, ids, w, y, d)
 
-    def _chunk_targets(self, groups: slice, locs: slice, rows: slice, worker: int) -> Tensor:
-        """The chunk's targets [rows, T, C]: kept ones, or built into the worker's workspace (left as they are when
-        its buffer already holds these rows: one chunk per worker)."""
+    def _chunk_targets(self, groups: slice, locs: slice, rows: slice) -> Tensor:
+        """The chunk's targets [rows, T, C]: kept ones, or built into the workspace (left as they are when the
+        buffer already holds these rows: one chunk)."""
         gs, ls = groups.stop - groups.start, locs.stop - locs.start
         if self._targets is not None:
             y = self._targets[rows]
             if not self._inputs_ready:
                 self._build_targets(groups, locs, y.view(gs, ls, self.t, self.c))
             return y
-        y = self.workspaces[worker].take("targets", (gs * ls, self.t, self.c), self.device)
-        if self._targets_of.get(worker) != rows:
+        y = self.workspace.take("targets", (gs * ls, self.t, self.c), self.device)
+        if self._targets_of != rows:
             self._build_targets(groups, locs, y.view(gs, ls, self.t, self.c))
-            self._targets_of[worker] = rows
+            self._targets_of = rows
         return y
 
     def _build_targets(self, groups: slice, locs: slice, out: Tensor) -> None:
@@ -272,16 +226,14 @@ class RowWalk:
             start += k
 
 
-def spans(g: int, loc: int, rows: int, multiple: int = 1) -> list[tuple[slice, slice]]:
-    """(groups, locations) of chunks of at most ``rows`` rows (at least one), as equal as can be: whole class groups
-    if a group's locations fit (then a multiple of ``multiple`` chunks where there are groups enough), else
-    locations of one group, so that every chunk is a plain slice of [G, K, L, C] features."""
+def spans(g: int, loc: int, rows: int) -> list[tuple[slice, slice]]:
+    """(groups, locations) of chunks of at most ``rows`` rows (at least one): whole class groups if a group's
+    locations fit, else locations of one group, so that every chunk is a plain slice of [G, K, L, C] features."""
     rows = max(1, rows)
     if rows >= loc:
-        count = min(g, math.ceil(math.ceil(g / (rows // loc)) / multiple) * multiple)
-        return [(slice(i * g // count, (i + 1) * g // count), slice(0, loc)) for i in range(count)]
-    count = math.ceil(loc / rows)
-    return [(slice(a, a + 1), slice(i * loc // count, (i + 1) * loc // count)) for a in range(g) for i in range(count)]
+        step = rows // loc
+        return [(slice(a, min(a + step, g)), slice(0, loc)) for a in range(0, g, step)]
+    return [(slice(a, a + 1), slice(b, min(b + rows, loc))) for a in range(g) for b in range(0, loc, rows)]
 
 
 def sq_sum(v: Tensor) -> Tensor:
@@ -297,20 +249,6 @@ def field_slabs(rows: int, per_row: int, device: torch.device) -> list[slice]:
     """Slices of a chunk's ``rows`` for the field's passes: FIELD_SLAB_ELEMENTS at a time on the CPU, one on a GPU."""
     step = rows if device.type != "cpu" else max(1, FIELD_SLAB_ELEMENTS // per_row)
     return [slice(a, min(a + step, rows)) for a in range(0, rows, step)]
-
-
-_POOL: tuple[int, ThreadPoolExecutor] | None = None
-_POOL_LOCK = threading.Lock()
-
-
-def _pool() -> ThreadPoolExecutor:
-    """The threads that walk chunks besides the caller's, one pool per process (a forked child gets its own: the
-    parent's threads do not exist there)."""
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None or _POOL[0] != os.getpid():
-            _POOL = (os.getpid(), ThreadPoolExecutor(max(1, CPU_CHUNK_WORKERS - 1), thread_name_prefix="drift-chunks"))
-        return _POOL[1]
 
 
 def _distances(y: Tensor, n: int, out: Tensor) -> Tensor:

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from drifting_lightning.drift.chunks import Chunk, RowWalk, Workspace, field_slabs, sq_sum, worker_workspaces
+from drifting_lightning.drift.chunks import Chunk, RowWalk, Workspace, field_slabs, sq_sum
 from drifting_lightning.drift.fields import DriftField, MeanShift
 from drifting_lightning.drift.functional import is_temperature, mask_self_pairs
 from drifting_lightning.drift.kernels import Kernel, Laplace
@@ -66,8 +66,7 @@ class DriftingLoss(nn.Module):
     mask_self: mask each generated sample against itself (paper Alg. 2), for the fields that ask for it.
     max_chunk_elements: bound on rows x N x T per chunk (None: no bound); the memory it buys is explained in
     ``drifting_lightning.drift.chunks`` (``chunk_budget_bytes``). On the CPU the loss keeps that working memory
-    from one call to the next (see ``_workspaces``), and without a bound walks two chunks at a time when torch runs
-    several threads (``chunks.CPU_CHUNK_WORKERS``).
+    from one call to the next (see ``_workspace_for``).
     """
 
     def __init__(
@@ -102,7 +101,7 @@ class DriftingLoss(nn.Module):
         self.distributed_statistics = distributed_statistics
         self.max_chunk_elements = max_chunk_elements
         self.mask_self = mask_self
-        self._cpu_workspaces: dict[int, list[Workspace]] = {}
+        self._cpu_workspaces: dict[int, Workspace] = {}
 
     def extra_repr(self) -> str:
         return (
@@ -132,11 +131,11 @@ class DriftingLoss(nn.Module):
         if not gen:
             raise ValueError("no features given to DriftingLoss")
         losses, sq_norms, stats = [], [], {}
-        # One set for every feature (they run one after the other). On the CPU they outlive the call (_workspaces).
-        workspaces = self._workspaces(next(iter(gen.values())).device)
+        # One for every feature (they run one after the other). On the CPU it outlives the call (see _workspace_for).
+        workspace = self._workspace_for(next(iter(gen.values())).device)
         for name in gen:
             loss, st, rows = self._feature_loss(name, gen[name], pos[name], None if neg is None else neg[name],
-                                                neg_weights, workspaces)
+                                                neg_weights, workspace)
             sq_norm = st.raw_sq.sum(1) / rows  # mean ||V_tau||^2 over this rank's generated samples
             losses.append(loss)
             sq_norms.append(sq_norm)
@@ -147,16 +146,15 @@ class DriftingLoss(nn.Module):
             stats[f"{name}/loss"] = loss.detach()
         return DriftLossOutput(sum(losses[1:], losses[0]), sum(sq_norms[1:], sq_norms[0]), stats)
 
-    def _workspaces(self, device: torch.device) -> list[Workspace]:
-        """One workspace per chunk worker (``chunks.CPU_CHUNK_WORKERS``). On the CPU they live as long as the loss:
-        a step's buffers are then already faulted in for the next step (drift/chunks.py), at the price of holding
-        them between steps (the kept matrices, which every step needs anyway while the generator's activations are
-        alive, and a chunk's temporaries per worker). On a GPU the caching allocator already reuses memory, so new
-        workspaces per call return it to the allocator at the end (and chunks run one at a time there)."""
+    def _workspace_for(self, device: torch.device) -> Workspace:
+        """The CPU workspace lives as long as the loss: a step's buffers are then already faulted in for the next
+        step (drift/chunks.py), at the price of holding them between steps (at most the chunk budget plus the kept
+        matrices, which every step needs anyway while the generator's activations are alive). On a GPU the caching
+        allocator already reuses memory, so a new workspace per call returns it to the allocator at the end."""
         if device.type != "cpu":
-            return [Workspace()]
-        # one set per calling thread: a loss shared by threads (e.g. ranks simulated as threads) must not share them
-        return self._cpu_workspaces.setdefault(threading.get_ident(), worker_workspaces())
+            return Workspace()
+        # one per thread: a loss shared by threads (e.g. ranks simulated as threads) must not share buffers
+        return self._cpu_workspaces.setdefault(threading.get_ident(), Workspace())
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
@@ -165,13 +163,13 @@ class DriftingLoss(nn.Module):
 
     def _feature_loss(
         self, name: str, gen: Tensor, pos: Tensor, neg: Tensor | None, neg_weights: Tensor | None,
-        workspaces: list[Workspace],
+        workspace: Workspace,
     ) -> tuple[Tensor, _Statistics, int]:
         """One feature's loss, its statistics and its number of generated samples (rows x N)."""
         weights = _check(name, gen, pos, neg, neg_weights)
         parts = [_locations(t) for t in ([gen.detach(), pos] if neg is None else [gen.detach(), neg, pos])]
         walk = RowWalk(parts, weights, self.statistics == "group", self.max_chunk_elements, len(self.temperatures),
-                       workspaces)
+                       workspace)
         need_grad = gen.requires_grad and torch.is_grad_enabled()
         with torch.no_grad(), torch.autocast(gen.device.type, enabled=False):
             st = self._feature_scale(walk)  # A.6
@@ -201,19 +199,15 @@ class DriftingLoss(nn.Module):
         raw_sq = torch.zeros_like(lam)
         if not self.feature_normalization:
             return _Statistics(ones, ones, lam, raw_sq)
-
-        def scale_sums(ch: Chunk) -> Tensor:
-            """[2, statistics groups]: the chunk's weighted sum of distances, and of weights."""
-            sums = torch.zeros(2, n_stats, device=walk.device)
+        dw_sum, w_sum = torch.zeros_like(ones), torch.zeros_like(ones)
+        for ch in walk.chunks():
             if ch.weights is None:
-                sums[0].index_add_(0, ch.stat_ids, ch.distances.sum((1, 2)))
-                sums[1].index_add_(0, ch.stat_ids, torch.full_like(ch.stat_ids, walk.t * walk.n, dtype=torch.float32))
+                dw_sum.index_add_(0, ch.stat_ids, ch.distances.sum((1, 2)))
+                w_sum.index_add_(0, ch.stat_ids, torch.full_like(ch.stat_ids, walk.t * walk.n, dtype=torch.float32))
             else:  # the weights are per column: weigh each row's column sums (a product with them is 2x slower)
-                sums[0].index_add_(0, ch.stat_ids, ch.distances.sum(1).mul_(ch.weights).sum(-1))
-                sums[1].index_add_(0, ch.stat_ids, ch.weights.sum(-1) * walk.n)
-            return sums
-
-        dw_sum, w_sum = self._reduce(*sum(walk.map(scale_sums)))
+                dw_sum.index_add_(0, ch.stat_ids, ch.distances.sum(1).mul_(ch.weights).sum(-1))
+                w_sum.index_add_(0, ch.stat_ids, ch.weights.sum(-1) * walk.n)
+        dw_sum, w_sum = self._reduce(dw_sum, w_sum)
         scale = dw_sum / w_sum
         return _Statistics(scale, (scale / math.sqrt(walk.c)).clamp_min(1e-3), lam, raw_sq)
 
@@ -239,7 +233,7 @@ class DriftingLoss(nn.Module):
         slabs = [(s, ch.distances[s], _slab_of(d_div, s), _slab_of(nearest, s), _slab_of(ch.weights, s))
                  for s in field_slabs(len(ch.stat_ids), walk.n * walk.t, walk.device)]
         for k, tau in enumerate(self.temperatures):
-            coef = out[k] if out is not None else ch.workspace.take("logits", ch.distances.shape, walk.device)
+            coef = out[k] if out is not None else walk.workspace.take("logits", ch.distances.shape, walk.device)
             for s, d, div, near, weights in slabs:
                 self._slab_coefficients(d, div * tau, near, weights, walk, masked, coef[s])
             yield coef
@@ -270,18 +264,13 @@ class DriftingLoss(nn.Module):
         if walk.keep_fields or walk.keep_coefficients:
             size = walk.c if walk.keep_fields else walk.t
             kept = walk.workspace.take("kept_fields", (len(self.temperatures), walk.rows, walk.n, size), walk.device)
-
-        def chunk_fields(ch: Chunk) -> Tensor:
-            """The chunk's V_tau (kept, or in its workspace); returns their sums of squares like ``st.raw_sq``."""
-            sq = torch.zeros_like(st.raw_sq)
+        for ch in walk.chunks():
             coef_out = kept[:, ch.rows] if walk.keep_coefficients else None
             for k, coef in enumerate(self._coefficients(walk, ch, st, coef_out)):
                 v_shape = (len(ch.stat_ids), walk.n, walk.c)
-                v_out = kept[k, ch.rows] if walk.keep_fields else ch.workspace.take("field", v_shape, walk.device)
-                ch.add_sq_sums(sq[k], torch.bmm(coef, ch.targets, out=v_out), walk.per_group)
-            return sq
-
-        st.raw_sq += sum(walk.map(chunk_fields))
+                v_out = kept[k, ch.rows] if walk.keep_fields else walk.workspace.take("field", v_shape, walk.device)
+                v = torch.bmm(coef, ch.targets, out=v_out)
+                ch.add_sq_sums(st.raw_sq[k], v, walk.per_group)
         return kept
 
     def _force(
@@ -293,52 +282,43 @@ class DriftingLoss(nn.Module):
         From the kept fields (their weighted sum, written in gen's layout), else in one product per chunk: V is
         linear in W, so F = (sum_tau W_tau factor_tau) @ Y, from the kept coefficients or recomputed ones (that
         pass also sums each V_tau^2 when pass 2 did not run)."""
+        f_sq = torch.zeros_like(st.s_in)
         force_loc = None if force is None else _locations(force)
         # one statistics group and a contiguous force: its sum of squares in one product at the end
         at_end = force is not None and not walk.per_group and force.is_contiguous()
-
-        def chunk_force(ch: Chunk) -> tuple[Tensor, Tensor]:
-            """The chunk's F into its region of ``force``; returns its sums of squares like ``st.s_in`` (zero when
-            summed ``at_end``) and, when pass 2 did not run, each V_tau's like ``st.raw_sq``."""
-            f_sq, v_sq = torch.zeros_like(st.s_in), torch.zeros_like(st.raw_sq)
+        for ch in walk.chunks(data=not walk.keep_fields):
             rows = (len(ch.stat_ids), walk.n, walk.c)
             if walk.keep_fields:
                 vs = kept[:, ch.rows]
-                region = ch.workspace.take("field", rows, walk.device) if force_loc is None else None
+                region = walk.workspace.take("field", rows, walk.device) if force_loc is None else None
                 f_c = walk.in_layout(region, ch) if region is not None else force_loc[ch.groups, :, ch.locs]
                 torch.mul(walk.in_layout(vs[0], ch), ch.per_row_in_layout(factor[0]), out=f_c)
                 for k in range(1, len(vs)):
                     f_c.addcmul_(walk.in_layout(vs[k], ch), ch.per_row_in_layout(factor[k]))
                 if not at_end:
                     ch.add_sq_sums(f_sq, f_c, walk.per_group)
-                return f_sq, v_sq
+                continue
             if walk.keep_coefficients:
                 ws = kept[:, ch.rows]
                 w_sum = ws[0].mul_(ch.per_row(factor[0]))
                 for k in range(1, len(ws)):
                     w_sum.addcmul_(ws[k], ch.per_row(factor[k]))
             else:
-                w_sum = ch.workspace.take("coefficient_sum", ch.distances.shape, walk.device)
+                w_sum = walk.workspace.take("coefficient_sum", ch.distances.shape, walk.device)
                 for k, coef in enumerate(self._coefficients(walk, ch, st)):
                     if not self.drift_normalization:  # the statistics need each V_tau
-                        v = torch.bmm(coef, ch.targets, out=ch.workspace.take("field", rows, walk.device))
-                        ch.add_sq_sums(v_sq[k], v, walk.per_group)
+                        v = torch.bmm(coef, ch.targets, out=walk.workspace.take("field", rows, walk.device))
+                        ch.add_sq_sums(st.raw_sq[k], v, walk.per_group)
                     f_rows = ch.per_row(factor[k])
                     torch.mul(coef, f_rows, out=w_sum) if k == 0 else w_sum.addcmul_(coef, f_rows)
             if force_loc is None:
-                f_c = torch.bmm(w_sum, ch.targets, out=ch.workspace.take("field", rows, walk.device))
+                f_c = torch.bmm(w_sum, ch.targets, out=walk.workspace.take("field", rows, walk.device))
                 ch.add_sq_sums(f_sq, f_c, walk.per_group)
-                return f_sq, v_sq
+                continue
             for w_rows, y_rows, out in walk.group_views(force_loc, ch, w_sum, ch.targets):
                 torch.bmm(w_rows, y_rows, out=out)  # written in gen's layout: the product takes strided outputs
             if not at_end:
                 ch.add_sq_sums(f_sq, force_loc[ch.groups, :, ch.locs], walk.per_group)
-            return f_sq, v_sq
-
-        parts = walk.map(chunk_force, data=not walk.keep_fields)
-        f_sq = sum(p[0] for p in parts)
-        if not self.drift_normalization:
-            st.raw_sq += sum(p[1] for p in parts)
         if at_end:
             f_sq[0] = sq_sum(force)
         return f_sq

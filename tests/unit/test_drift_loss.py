@@ -1,7 +1,6 @@
 """DriftingLoss (PAPER.md 3, 5): the authors' loss, gradients, normalisations, chunking, regrouping, numerics."""
 
 import math
-import threading
 
 import pytest
 import torch
@@ -326,81 +325,6 @@ def test_kept_coefficients_equal_recomputed_ones(field):
     value_k, grad_k, _ = value_and_grad(kept, gen, pos, neg, w)
     close(value_k, value)
     close(grad_k, grad)
-
-
-class _ThreadSpy(Laplace):
-    """Laplace that records the threads its relative logits are computed in (one per chunk and temperature)."""
-
-    def __init__(self, fail_in_worker=False):
-        self.threads, self.fail_in_worker = [], fail_in_worker
-
-    def relative_logits(self, distance, temperature, nearest, out=None):
-        name = threading.current_thread().name
-        self.threads.append(name)
-        if self.fail_in_worker and name != "MainThread":
-            raise RuntimeError("kernel failed in a chunk worker")
-        return super().relative_logits(distance, temperature, nearest, out=out)
-
-
-@pytest.fixture
-def two_torch_threads(monkeypatch):
-    """Two torch threads and chunks of one or two rows: the unbounded CPU walk then runs chunks two at a time."""
-    monkeypatch.setattr(chunks, "CACHE_ELEMENTS", 2 * 5 * 11)
-    monkeypatch.setattr(chunks, "CPU_PARALLEL_ELEMENTS", 1)
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(1)
-
-
-@pytest.mark.parametrize("statistics", ["batch", "group"])
-@pytest.mark.parametrize("loc", [None, 3])
-@pytest.mark.parametrize("drift_normalization", [True, False])
-def test_chunks_walked_two_at_a_time_equal_one_at_a_time(monkeypatch, two_torch_threads, statistics, loc,
-                                                          drift_normalization):
-    """Without a bound and with several torch threads, chunks are walked two at a time in two threads, each with
-    its own temporaries: value, gradient and statistics are those of one chunk holding every row."""
-    g, n, p, m = 5, 5, 4, 2
-    gen, pos, neg, w = make(g, n, p, m, 6, seed=21, loc=loc)
-    spy = _ThreadSpy()
-    loss = DriftingLoss(kernel=spy, statistics=statistics, drift_normalization=drift_normalization)
-    value, grad, stats = value_and_grad(loss, gen, pos, neg, w)
-    assert {"MainThread", "drift-chunks_0"} <= set(spy.threads)
-    again = value_and_grad(loss, gen, pos, neg, w)  # the workspaces kept from the first call
-    monkeypatch.setattr(chunks, "CACHE_ELEMENTS", g * (loc or 1) * n * (n + m + p))
-    torch.set_num_threads(1)
-    one_chunk = DriftingLoss(kernel=_ThreadSpy(), statistics=statistics, drift_normalization=drift_normalization)
-    value_1, grad_1, stats_1 = value_and_grad(one_chunk, gen, pos, neg, w)
-    assert set(one_chunk.kernel.threads) == {"MainThread"}
-    for result in (value, grad), again[:2]:
-        close(result[0], value_1, tol=1e-6)
-        close(result[1], grad_1, tol=1e-6)
-    for key in stats_1:
-        close(stats[key], stats_1[key], tol=1e-6)
-
-
-def test_a_chunk_worker_error_reaches_the_caller(two_torch_threads):
-    """An exception in a chunk worker is raised by the loss, and the next call works."""
-    gen, pos, neg, w = make(4, 5, 4, 2, 6, seed=22)
-    with pytest.raises(RuntimeError, match="chunk worker"):
-        DriftingLoss(kernel=_ThreadSpy(fail_in_worker=True))(gen, pos, neg, w)
-    spy = _ThreadSpy()
-    assert torch.isfinite(DriftingLoss(kernel=spy)(gen, pos, neg, w).loss)
-    assert "drift-chunks_0" in spy.threads
-
-
-def test_a_bound_or_a_small_feature_walks_one_chunk_at_a_time(monkeypatch, two_torch_threads):
-    """max_chunk_elements bounds the memory of the chunk alive: with it, no second worker; nor for a feature
-    smaller than CPU_PARALLEL_ELEMENTS (handing chunks over would cost more than it gains)."""
-    gen, pos, neg, w = make(4, 5, 4, 2, 6, seed=23)
-    spy = _ThreadSpy()
-    DriftingLoss(kernel=spy, max_chunk_elements=2 * 5 * 11)(gen, pos, neg, w)
-    assert set(spy.threads) == {"MainThread"}
-    monkeypatch.setattr(chunks, "CPU_PARALLEL_ELEMENTS", 4 * 5 * 11 + 1)
-    DriftingLoss(kernel=spy)(gen, pos, neg, w)
-    assert set(spy.threads) == {"MainThread"}
-    monkeypatch.setattr(chunks, "CPU_PARALLEL_ELEMENTS", 4 * 5 * 11)
-    DriftingLoss(kernel=spy)(gen, pos, neg, w)
-    assert "drift-chunks_0" in spy.threads
 
 
 class _ShapeSpy(Laplace):
