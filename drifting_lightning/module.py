@@ -103,7 +103,8 @@ class DriftingModule(pl.LightningModule):
         self._noise_seed: int | None = None  # base of the per-group noise streams, set by on_fit_start
         self._group_generator: torch.Generator | None = None  # re-seeded for every class group's stream
         self._grad_norm: Tensor | None = None  # this step's global gradient norm, for the check and the clipping
-        self._skipped = False  # this step was skipped (nonfinite="skip")
+        self._skipped = False  # this batch was skipped (nonfinite="skip")
+        self._updates = False  # this optimiser step moves the weights (on_before_optimizer_step)
         self._drop_gradients = False  # a loss skipped on more than one rank left NaN in the (accumulated) gradients
         self._skips = self._skips_in_a_row = self._steps = 0  # of this fit
         # A latent run's samples are decoded to images for grids, Frechet metrics and `drifting sample`.
@@ -203,17 +204,21 @@ class DriftingModule(pl.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self._grad_norm = None
+        self._updates = False  # whether this optimiser step moves the weights (and so the EMA, optimizer_step)
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         if self._drop_gradients:  # reported and counted by training_step; under accumulation, maybe batches ago
-            self._drop_gradients, self._skipped = False, True  # _skipped: no EMA update for this optimiser step
+            self._drop_gradients, self._skipped = False, True
             if scaler is None:
                 optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without a gradient untouched
             return
-        if self._skipped or scaler is not None:
-            return  # 16-mixed: Inf gradients are how the GradScaler calibrates; it skips those steps itself
         grads = _local_gradients(self.generator)
-        if not grads:
+        # No gradients: every batch of this step was skipped. A skipped last batch under accumulation leaves the
+        # earlier batches' gradients, which the optimiser applies; Lightning's 16-mixed precision does not step then.
+        if not grads or (self._skipped and scaler is not None):
             return
+        self._updates = True
+        if scaler is not None:
+            return  # 16-mixed: Inf gradients are how the GradScaler calibrates; it skips those steps itself
         norms = torch._foreach_norm(list(grads.values()))
         total = torch.linalg.vector_norm(torch.stack(norms))
         if _sharded(self.generator) and torch.distributed.is_initialized():
@@ -230,7 +235,7 @@ class DriftingModule(pl.LightningModule):
         summary = f"gradient norm {total.item():.4g}; NaN/Inf in {len(bad)} of {len(grads)} tensors: {shown}"
         if self.hparams.nonfinite == "skip":
             optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without a gradient untouched
-            self._grad_norm = None
+            self._grad_norm, self._updates = None, False
         self._handle_nonfinite("the gradients", summary)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
@@ -243,10 +248,10 @@ class DriftingModule(pl.LightningModule):
             raise torch.OutOfMemoryError(self._oom_advice(err)) from err
         # 16-mixed: a GradScaler that found Inf/NaN skipped the step and lowered its scale (it synced to decide)
         scaler_skipped = scaler is not None and scaler.get_scale() < scale
-        # The EMA follows optimiser steps (once per accumulated batch; a skipped step leaves it), and it is updated
+        # The EMA follows the optimiser steps that move the weights (once per accumulated batch), and it is updated
         # here rather than in on_train_batch_end: Lightning runs the callbacks' on_train_batch_end, where
         # ModelCheckpoint(every_n_train_steps) saves, before the module's, and a checkpoint must hold its step's EMA.
-        if not (self._skipped or scaler_skipped):
+        if self._updates and not scaler_skipped:
             self._update_ema()
 
     def _oom_advice(self, err: BaseException) -> str:

@@ -175,6 +175,44 @@ def test_a_step_the_grad_scaler_skips_leaves_the_ema(tmp_path: Path):
     assert not torch.equal(module.ema_generator.state_dict()["head.weight"], ema["head.weight"])
 
 
+class _NaNOnCall(DriftingLoss):
+    """The drift loss, NaN on the calls numbered in ``nan_calls`` (counted from 1)."""
+
+    def __init__(self, nan_calls) -> None:
+        super().__init__()
+        self.nan_calls, self.calls = set(nan_calls), 0
+
+    def forward(self, gen, pos, neg=None, neg_weights=None):
+        out = super().forward(gen, pos, neg, neg_weights)
+        self.calls += 1
+        if self.calls in self.nan_calls:
+            out.loss = out.loss * float("nan")
+        return out
+
+
+@pytest.mark.parametrize(("nan_calls", "moves"), [({2}, True), ({1, 2}, False)])
+def test_accumulation_skips_a_nan_batch_and_the_ema_follows_the_weights(tmp_path: Path, nan_calls, moves):
+    """Two batches per optimiser step, a NaN loss skipped on the last: the optimiser still applies the first
+    batch's gradients, and the EMA follows those weights. With both batches skipped, neither moves."""
+    module = DriftingModule(MLPGenerator(hidden=[32]), loss=_NaNOnCall(nan_calls), generated_per_group=8,
+                            nonfinite="skip", ema_decay=0.5)  # fmt: skip
+    with torch.no_grad():  # an EMA apart from the weights: an update moves it
+        torch._foreach_add_(list(module.ema_generator.parameters()), 1.0)
+    weights = {k: v.clone() for k, v in module.generator.state_dict().items()}
+    ema = {k: v.clone() for k, v in module.ema_generator.state_dict().items()}
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         accumulate_grad_batches=2)  # fmt: skip
+    trainer.fit(module, DataLoader(_Batches(2), batch_size=None))
+    assert module.loss.calls == 2
+    head = "head.weight"
+    assert torch.equal(module.generator.state_dict()[head], weights[head]) is not moves
+    assert torch.equal(module.ema_generator.state_dict()[head], ema[head]) is not moves
+    if moves:  # lerp with weight 1 - decay = 0.5 toward the new weights
+        expected = (ema[head] + module.generator.state_dict()[head]) / 2
+        torch.testing.assert_close(module.ema_generator.state_dict()[head], expected)
+
+
 def test_skip_policy_stops_after_max_consecutive_skips_like_stop(tmp_path: Path, capsys):
     module = DriftingModule(MLPGenerator(hidden=[32]), generated_per_group=8, nonfinite="skip",
                             max_consecutive_skips=2)  # fmt: skip
