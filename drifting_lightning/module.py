@@ -44,7 +44,8 @@ class DriftingModule(pl.LightningModule):
     nonfinite: "stop" (save ``nonfinite-step<k>.ckpt`` with the last finite weights and raise) or "skip" (skip the
     step) on a NaN/Inf loss or gradient (gradients are checked before clipping, except under 16-mixed, whose gradient
     scaler skips such steps itself). Under "skip", ``max_consecutive_skips`` skipped steps in a row stop the run as
-    "stop" does, and the end of training prints how many steps were skipped.
+    "stop" does, and the end of training prints how many steps were skipped (under gradient accumulation: batches
+    whose loss was skipped and optimiser steps whose gradients were).
     compile: parts to ``torch.compile`` (``nn.Module.compile``, in place: checkpoints keep their keys), any of
     "generator", "loss". float32_matmul_precision: ``torch.set_float32_matmul_precision`` for the run; "auto" is
     "high" (TF32) on CUDA and leaves other devices alone. The drift loss always runs at "highest".
@@ -106,7 +107,8 @@ class DriftingModule(pl.LightningModule):
         self._skipped = False  # this batch was skipped (nonfinite="skip")
         self._updates = False  # this optimiser step moves the weights (on_before_optimizer_step)
         self._drop_gradients = False  # a loss skipped on more than one rank left NaN in the (accumulated) gradients
-        self._skips = self._skips_in_a_row = self._steps = 0  # of this fit
+        # of this fit: batches whose loss was skipped, optimiser steps whose gradients were, and their totals
+        self._skipped_batches = self._skipped_steps = self._skips_in_a_row = self._batches = self._steps = 0
         # A latent run's samples are decoded to images for grids, Frechet metrics and `drifting sample`.
         self.decoder = LatentDecoder(vae, vae_allow_hub, vae_dtype) if vae is not None else None
 
@@ -134,7 +136,7 @@ class DriftingModule(pl.LightningModule):
         finite = bool(torch.isfinite(out.loss).item())
         if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
             stats = ", ".join(f"{k}={v.item():.4g}" for k, v in out.stats.items())
-            self._handle_nonfinite("the drift loss", stats)  # raises unless the step may be skipped
+            self._handle_nonfinite("the drift loss", stats, "batch")  # raises unless the batch may be skipped
             if self.trainer.world_size == 1:
                 return None
             # Lightning refuses None on more than one rank. All ranks agree on the skip (the decision above is
@@ -172,23 +174,34 @@ class DriftingModule(pl.LightningModule):
         return (torch.cat(alphas) if use_guidance else None), inputs
 
     def on_train_end(self) -> None:
-        if self._skips:
-            self.print(f"[drifting] {self._skips} of {self._steps} steps skipped (NaN/Inf, model.nonfinite=skip)")
+        skipped = self._skipped_batches + self._skipped_steps
+        if not skipped:
+            return
+        if self.trainer.accumulate_grad_batches == 1:  # a batch is a step
+            self.print(f"[drifting] {skipped} of {self._batches} steps skipped (NaN/Inf, model.nonfinite=skip)")
+            return
+        self.print(f"[drifting] skipped (NaN/Inf, model.nonfinite=skip): {self._skipped_batches} of {self._batches} "
+                   f"batches (loss), {self._skipped_steps} of {self._steps} optimiser steps (gradients)")
 
     def on_fit_start(self) -> None:
         check_generator_fits_data(self.ema_generator, self.trainer.datamodule)  # the EMA copy is never wrapped
-        self._skips = self._skips_in_a_row = self._steps = 0
+        self._skipped_batches = self._skipped_steps = self._skips_in_a_row = self._batches = self._steps = 0
         self._drop_gradients = False
         # Rank 0's seed (the one seed_everything set) for every rank's group streams.
         self._noise_seed = self.trainer.strategy.broadcast(torch.initial_seed())
 
-    def _handle_nonfinite(self, what: str, summary: str) -> None:
+    def _handle_nonfinite(self, what: str, summary: str, unit: Literal["batch", "step"]) -> None:
+        """Skips (``unit``: this batch, or this optimiser step) or stops, as ``nonfinite`` says."""
         step = self.global_step
         if self.hparams.nonfinite == "skip":
             self._skipped = True
-            self._skips += 1
+            if unit == "batch":
+                self._skipped_batches += 1
+            else:
+                self._skipped_steps += 1
             self._skips_in_a_row += 1
-            self.print(f"[drifting] NaN/Inf in {what} at step {step}: step skipped ({summary})")
+            shown = "step" if self.trainer.accumulate_grad_batches == 1 else unit  # a batch is a step
+            self.print(f"[drifting] NaN/Inf in {what} at step {step}: {shown} skipped ({summary})")
             limit = self.hparams.max_consecutive_skips
             if self._skips_in_a_row < limit:
                 return None
@@ -205,6 +218,7 @@ class DriftingModule(pl.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self._grad_norm = None
         self._updates = False  # whether this optimiser step moves the weights (and so the EMA, optimizer_step)
+        self._steps += 1
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         if self._drop_gradients:  # reported and counted by training_step; under accumulation, maybe batches ago
             self._drop_gradients, self._skipped = False, True
@@ -236,7 +250,7 @@ class DriftingModule(pl.LightningModule):
         if self.hparams.nonfinite == "skip":
             optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without a gradient untouched
             self._grad_norm, self._updates = None, False
-        self._handle_nonfinite("the gradients", summary)
+        self._handle_nonfinite("the gradients", summary, "step")
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
@@ -293,7 +307,7 @@ class DriftingModule(pl.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_started = time.perf_counter()
         self._skipped = False
-        self._steps += 1
+        self._batches += 1
         positives, unconditional = batch["positives"], batch.get("unconditional")
         n_unc = 0 if unconditional is None else unconditional.shape[1]
         self._step_sizes = (positives.shape[0], positives.shape[1], n_unc)

@@ -191,9 +191,10 @@ class _NaNOnCall(DriftingLoss):
 
 
 @pytest.mark.parametrize(("nan_calls", "moves"), [({2}, True), ({1, 2}, False)])
-def test_accumulation_skips_a_nan_batch_and_the_ema_follows_the_weights(tmp_path: Path, nan_calls, moves):
+def test_accumulation_skips_a_nan_batch_and_the_ema_follows_the_weights(tmp_path: Path, capsys, nan_calls, moves):
     """Two batches per optimiser step, a NaN loss skipped on the last: the optimiser still applies the first
-    batch's gradients, and the EMA follows those weights. With both batches skipped, neither moves."""
+    batch's gradients, and the EMA follows those weights. With both batches skipped, neither moves. The messages
+    count batches, not steps."""
     module = DriftingModule(MLPGenerator(hidden=[32]), loss=_NaNOnCall(nan_calls), generated_per_group=8,
                             nonfinite="skip", ema_decay=0.5)  # fmt: skip
     with torch.no_grad():  # an EMA apart from the weights: an update moves it
@@ -211,6 +212,23 @@ def test_accumulation_skips_a_nan_batch_and_the_ema_follows_the_weights(tmp_path
     if moves:  # lerp with weight 1 - decay = 0.5 toward the new weights
         expected = (ema[head] + module.generator.state_dict()[head]) / 2
         torch.testing.assert_close(module.ema_generator.state_dict()[head], expected)
+    out = capsys.readouterr().out
+    assert out.count("NaN/Inf in the drift loss at step 0: batch skipped") == len(nan_calls)
+    assert (f"[drifting] skipped (NaN/Inf, model.nonfinite=skip): {len(nan_calls)} of 2 batches (loss), "
+            "0 of 1 optimiser steps (gradients)") in out
+
+
+def test_accumulation_counts_skipped_gradients_in_optimiser_steps(tmp_path: Path, capsys):
+    """NaN gradients under accumulation skip optimiser steps: 2 of 2, not 2 of the 4 batches."""
+    module = DriftingModule(MLPGenerator(hidden=[32]), generated_per_group=8, nonfinite="skip")
+    _nan_gradients(module)
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         accumulate_grad_batches=2)  # fmt: skip
+    trainer.fit(module, DataLoader(_Batches(4), batch_size=None))
+    out = capsys.readouterr().out
+    assert out.count("NaN/Inf in the gradients at step") == 2
+    assert "skipped (NaN/Inf, model.nonfinite=skip): 0 of 4 batches (loss), 2 of 2 optimiser steps (gradients)" in out
 
 
 def test_skip_policy_stops_after_max_consecutive_skips_like_stop(tmp_path: Path, capsys):
