@@ -44,8 +44,8 @@ class DriftingModule(pl.LightningModule):
     nonfinite: "stop" (save ``nonfinite-step<k>.ckpt`` with the last finite weights and raise) or "skip" (skip the
     step) on a NaN/Inf loss or gradient (gradients are checked before clipping, except under 16-mixed, whose gradient
     scaler skips such steps itself). Under "skip", ``max_consecutive_skips`` skipped steps in a row stop the run as
-    "stop" does, and the end of training prints how many steps were skipped (under gradient accumulation: batches
-    whose loss was skipped and optimiser steps whose gradients were).
+    "stop" does, and the end of training prints how many steps were skipped (under gradient accumulation: batches,
+    a NaN loss on one process, and optimiser steps, NaN gradients or a NaN loss on several processes).
     compile: parts to ``torch.compile`` (``nn.Module.compile``, in place: checkpoints keep their keys), any of
     "generator", "loss". float32_matmul_precision: ``torch.set_float32_matmul_precision`` for the run; "auto" is
     "high" (TF32) on CUDA and leaves other devices alone. The drift loss always runs at "highest".
@@ -107,7 +107,7 @@ class DriftingModule(pl.LightningModule):
         self._skipped = False  # this batch was skipped (nonfinite="skip")
         self._updates = False  # this optimiser step moves the weights (on_before_optimizer_step)
         self._drop_gradients = False  # a loss skipped on more than one rank left NaN in the (accumulated) gradients
-        # of this fit: batches whose loss was skipped, optimiser steps whose gradients were, and their totals
+        # of this fit: skipped batches (their gradients dropped from the step), skipped optimiser steps, their totals
         self._skipped_batches = self._skipped_steps = self._skips_in_a_row = self._batches = self._steps = 0
         # A latent run's samples are decoded to images for grids, Frechet metrics and `drifting sample`.
         self.decoder = LatentDecoder(vae, vae_allow_hub, vae_dtype) if vae is not None else None
@@ -136,7 +136,8 @@ class DriftingModule(pl.LightningModule):
         finite = bool(torch.isfinite(out.loss).item())
         if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
             stats = ", ".join(f"{k}={v.item():.4g}" for k, v in out.stats.items())
-            self._handle_nonfinite("the drift loss", stats, "batch")  # raises unless the batch may be skipped
+            # raises unless it may be skipped: this batch on one process, the whole step on several (below)
+            self._handle_nonfinite("the drift loss", stats, "batch" if self.trainer.world_size == 1 else "step")
             if self.trainer.world_size == 1:
                 return None
             # Lightning refuses None on more than one rank. All ranks agree on the skip (the decision above is
@@ -181,7 +182,7 @@ class DriftingModule(pl.LightningModule):
             self.print(f"[drifting] {skipped} of {self._batches} steps skipped (NaN/Inf, model.nonfinite=skip)")
             return
         self.print(f"[drifting] skipped (NaN/Inf, model.nonfinite=skip): {self._skipped_batches} of {self._batches} "
-                   f"batches (loss), {self._skipped_steps} of {self._steps} optimiser steps (gradients)")
+                   f"batches, {self._skipped_steps} of {self._steps} optimiser steps")
 
     def on_fit_start(self) -> None:
         check_generator_fits_data(self.ema_generator, self.trainer.datamodule)  # the EMA copy is never wrapped
