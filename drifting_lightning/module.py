@@ -25,10 +25,7 @@ from drifting_lightning.parallel import clip_fsdp_gradients, full_parameters, sh
 from drifting_lightning.rng import torch_generator
 from drifting_lightning.sampling.guidance import GuidanceSampler, guidance_weight
 from drifting_lightning.sampling.labels import balanced_labels
-
-
-class NonFiniteLossError(RuntimeError):
-    """The drift loss or the gradients became NaN or Inf; the message names the step and the statistics."""
+from drifting_lightning.step_failures import SkipTally, nonfinite_error, oom_advice
 
 
 class DriftingModule(pl.LightningModule):
@@ -107,8 +104,7 @@ class DriftingModule(pl.LightningModule):
         self._skipped = False  # this batch was skipped (nonfinite="skip")
         self._updates = False  # this optimiser step moves the weights (on_before_optimizer_step)
         self._drop_gradients = False  # a loss skipped on more than one rank left NaN in the (accumulated) gradients
-        # of this fit: skipped batches (their gradients dropped from the step), skipped optimiser steps, their totals
-        self._skipped_batches = self._skipped_steps = self._skips_in_a_row = self._batches = self._steps = 0
+        self._skips = SkipTally()  # of this fit
         # A latent run's samples are decoded to images for grids, Frechet metrics and `drifting sample`.
         self.decoder = LatentDecoder(vae, vae_allow_hub, vae_dtype) if vae is not None else None
 
@@ -175,18 +171,13 @@ class DriftingModule(pl.LightningModule):
         return (torch.cat(alphas) if use_guidance else None), inputs
 
     def on_train_end(self) -> None:
-        skipped = self._skipped_batches + self._skipped_steps
-        if not skipped:
-            return
-        if self.trainer.accumulate_grad_batches == 1:  # a batch is a step
-            self.print(f"[drifting] {skipped} of {self._batches} steps skipped (NaN/Inf, model.nonfinite=skip)")
-            return
-        self.print(f"[drifting] skipped (NaN/Inf, model.nonfinite=skip): {self._skipped_batches} of {self._batches} "
-                   f"batches, {self._skipped_steps} of {self._steps} optimiser steps")
+        summary = self._skips.summary(self.trainer.accumulate_grad_batches)
+        if summary:
+            self.print(summary)
 
     def on_fit_start(self) -> None:
         check_generator_fits_data(self.ema_generator, self.trainer.datamodule)  # the EMA copy is never wrapped
-        self._skipped_batches = self._skipped_steps = self._skips_in_a_row = self._batches = self._steps = 0
+        self._skips = SkipTally()
         self._drop_gradients = False
         # Rank 0's seed (the one seed_everything set) for every rank's group streams.
         self._noise_seed = self.trainer.strategy.broadcast(torch.initial_seed())
@@ -196,30 +187,22 @@ class DriftingModule(pl.LightningModule):
         step = self.global_step
         if self.hparams.nonfinite == "skip":
             self._skipped = True
-            if unit == "batch":
-                self._skipped_batches += 1
-            else:
-                self._skipped_steps += 1
-            self._skips_in_a_row += 1
+            in_a_row = self._skips.skip(unit)
             shown = "step" if self.trainer.accumulate_grad_batches == 1 else unit  # a batch is a step
             self.print(f"[drifting] NaN/Inf in {what} at step {step}: {shown} skipped ({summary})")
             limit = self.hparams.max_consecutive_skips
-            if self._skips_in_a_row < limit:
+            if in_a_row < limit:
                 return None
             what = f"{what} for {limit} steps in a row (model.max_consecutive_skips)"
         path = Path(self.trainer.default_root_dir if self.logger is None else self.trainer.log_dir or ".")
         ckpt = path / f"nonfinite-step{step}.ckpt"
         self.trainer.save_checkpoint(ckpt)
-        raise NonFiniteLossError(
-            f"NaN/Inf in {what} at step {step}. The weights before this step are saved in {ckpt}. "
-            f"Statistics: {summary}. Try a lower lr, gradient clipping (trainer.gradient_clip_val), or "
-            "model.nonfinite=skip to skip such steps."
-        )
+        raise nonfinite_error(what, step, str(ckpt), summary)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self._grad_norm = None
         self._updates = False  # whether this optimiser step moves the weights (and so the EMA, optimizer_step)
-        self._steps += 1
+        self._skips.steps += 1
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         if self._drop_gradients:  # reported and counted by training_step; under accumulation, maybe batches ago
             self._drop_gradients, self._skipped = False, True
@@ -260,7 +243,11 @@ class DriftingModule(pl.LightningModule):
         try:
             super().optimizer_step(*args, **kwargs)
         except torch.OutOfMemoryError as err:
-            raise torch.OutOfMemoryError(self._oom_advice(err)) from err
+            advice = oom_advice(err, self.global_step, self._step_sizes, self.hparams.generated_per_group,
+                                self.loss.max_chunk_elements,
+                                getattr(self.generator, "gradient_checkpointing", True) is False,
+                                str(self.trainer.precision) in ("32", "32-true"))
+            raise torch.OutOfMemoryError(advice) from err
         # 16-mixed: a GradScaler that found Inf/NaN skipped the step and lowered its scale (it synced to decide)
         scaler_skipped = scaler is not None and scaler.get_scale() < scale
         # The EMA follows the optimiser steps that move the weights (once per accumulated batch), and it is updated
@@ -268,25 +255,6 @@ class DriftingModule(pl.LightningModule):
         # ModelCheckpoint(every_n_train_steps) saves, before the module's, and a checkpoint must hold its step's EMA.
         if self._updates and not scaler_skipped:
             self._update_ema()
-
-    def _oom_advice(self, err: BaseException) -> str:
-        groups, n_pos, n_unc = self._step_sizes
-        said = str(err).strip().splitlines()[0] if str(err).strip() else "out of memory"
-        advice = [
-            "model.generated_per_group (N_neg)",
-            "the DataModule's positives per step (data.positives.init_args.classes_per_step / positives_per_class / "
-            "unconditional_per_class for image data, data.positives_per_step for toy and vector data)",
-            f"the drift loss's chunk size model.loss.init_args.max_chunk_elements (now {self.loss.max_chunk_elements})",
-        ]
-        if getattr(self.generator, "gradient_checkpointing", True) is False:
-            advice.append("or recompute activations: model.generator.init_args.gradient_checkpointing true")
-        if str(self.trainer.precision) in ("32", "32-true"):
-            advice.append("or halve activations: trainer.precision bf16-mixed")
-        return (
-            f"out of memory in training step {self.global_step} ({said}). The step had {groups} class group(s) with "
-            f"N_pos={n_pos} positives, N_unc={n_unc} unconditional samples and N_neg={self.hparams.generated_per_group}"
-            " generated samples each. Lower " + "; ".join(advice) + "."
-        )
 
     def setup(self, stage: str) -> None:
         precision = self.hparams.float32_matmul_precision
@@ -308,14 +276,14 @@ class DriftingModule(pl.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_started = time.perf_counter()
         self._skipped = False
-        self._batches += 1
+        self._skips.batches += 1
         positives, unconditional = batch["positives"], batch.get("unconditional")
         n_unc = 0 if unconditional is None else unconditional.shape[1]
         self._step_sizes = (positives.shape[0], positives.shape[1], n_unc)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not self._skipped:
-            self._skips_in_a_row = 0
+            self._skips.in_a_row = 0
         elapsed = time.perf_counter() - self._step_started
         if elapsed > 0:
             per_step = batch["positives"].shape[0] * self.hparams.generated_per_group

@@ -11,7 +11,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from drifting_lightning.models.mlp import MLPGenerator
-from drifting_lightning.module import DriftingModule, NonFiniteLossError
+from drifting_lightning.module import DriftingModule
+from drifting_lightning.step_failures import NonFiniteLossError
 
 
 class _Batches(IterableDataset):
