@@ -2,13 +2,16 @@
 
 A random model's weights are megabytes that compress to nothing. Instead the fixture tool (in the JAX venv) stores a
 spec, every leaf's shape and its initialiser's mean and standard deviation, replaces the weights by ``values(spec)``
-(same shapes and statistics, from integer hashing: bit-identical on any machine) before running the authors' code,
-and the tests write the same values into an artifact of the authors' format with ``write_flax_msgpack``. Pure numpy
-and msgpack: imported by tools/official_encoder_fixtures.py and by tests/unit/test_official_encoder.py.
+(same shapes and statistics, SplitMix64 of integer counters: bit-identical on any machine) before running the
+authors' code, and the tests write the same values into an artifact of the authors' format with
+``write_flax_msgpack``. Pure numpy and msgpack: imported by tools/official_encoder_fixtures.py and by
+tests/unit/test_official_encoder.py.
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +36,10 @@ def spec_of(tree: Tree) -> Tree:
 def values(spec: Tree) -> Tree:
     """float32 arrays exactly representable in bfloat16: mean + std x (uniform with unit variance), the uniform
     numbers from SplitMix64 of (leaf number in sorted key order, index)."""
-    counter = iter(range(1 << 30))
-    return _values(spec, counter)
+    return _values(spec, itertools.count())
 
 
-def _values(spec: Tree, counter: Any) -> Tree:
+def _values(spec: Tree, counter: Iterator[int]) -> Tree:
     out: Tree = {}
     for key in sorted(spec):
         leaf = spec[key]

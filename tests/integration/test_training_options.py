@@ -15,7 +15,8 @@ import drifting_lightning.models.dit as dit
 from drifting_lightning.checkpoints.loading import instantiate_section
 from drifting_lightning.drift import DriftingLoss
 from drifting_lightning.models.mlp import MLPGenerator
-from drifting_lightning.module import DriftingModule, NonFiniteLossError
+from drifting_lightning.module import DriftingModule
+from drifting_lightning.step_failures import NonFiniteLossError
 
 
 class _Batches(IterableDataset):
@@ -32,7 +33,8 @@ def _fit(module: DriftingModule, tmp_path: Path, steps: int = 2, **trainer_args)
     trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
                          **trainer_args)  # fmt: skip
-    trainer.fit(module, DataLoader(_Batches(steps), batch_size=None))
+    batches = steps * trainer_args.get("accumulate_grad_batches", 1)
+    trainer.fit(module, DataLoader(_Batches(batches), batch_size=None))
     return trainer
 
 
@@ -201,10 +203,7 @@ def test_accumulation_skips_a_nan_batch_and_the_ema_follows_the_weights(tmp_path
         torch._foreach_add_(list(module.ema_generator.parameters()), 1.0)
     weights = {k: v.clone() for k, v in module.generator.state_dict().items()}
     ema = {k: v.clone() for k, v in module.ema_generator.state_dict().items()}
-    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                         accumulate_grad_batches=2)  # fmt: skip
-    trainer.fit(module, DataLoader(_Batches(2), batch_size=None))
+    _fit(module, tmp_path, steps=1, accumulate_grad_batches=2)
     assert module.loss.calls == 2
     head = "head.weight"
     assert torch.equal(module.generator.state_dict()[head], weights[head]) is not moves
@@ -222,10 +221,7 @@ def test_accumulation_counts_skipped_gradients_in_optimiser_steps(tmp_path: Path
     """NaN gradients under accumulation skip optimiser steps: 2 of 2, not 2 of the 4 batches."""
     module = DriftingModule(MLPGenerator(hidden=[32]), generated_per_group=8, nonfinite="skip")
     _nan_gradients(module)
-    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                         accumulate_grad_batches=2)  # fmt: skip
-    trainer.fit(module, DataLoader(_Batches(4), batch_size=None))
+    _fit(module, tmp_path, steps=2, accumulate_grad_batches=2)
     out = capsys.readouterr().out
     assert out.count("NaN/Inf in the gradients at step") == 2
     assert "skipped (NaN/Inf, model.nonfinite=skip): 0 of 4 batches, 2 of 2 optimiser steps" in out
