@@ -17,7 +17,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("foundation", {"drift", "models", "sampling", "parallel.py", "rng.py", "files.py", "console.py", "checkpoints"}),
     ("inputs", {"encoders", "data", "export.py"}),  # peers: none imports another
     ("measures", {"metrics"}),
-    ("training", {"module.py", "fit_checks.py"}),
+    ("training", {"module.py", "fit_checks.py", "step_failures.py"}),
     ("observers", {"callbacks"}),
     ("front", {"registry.py", "official", "commands", "cli.py", "__init__.py", "__main__.py"}),
 ]
