@@ -80,6 +80,18 @@ class DriftingArgumentParser(LightningArgumentParser):
         short = parse_error(message, ex) or argparse_error(message, options) or message.strip()
         raise UsageError(short) from ex
 
+    def parse_args(self, args: Sequence[str] | None = None, *rest: Any, **kwargs: Any) -> Any:
+        # jsonargparse (4.53) hands an override two components deep (``--model.encoder.checkpoint null``: an argument
+        # of a component inside the model) to the inner component's parser as f"--{key}={value}", with the value
+        # already parsed: null arrives as the string "None" (a checkpoint path 'None', "expected an integer, got
+        # 'None'"). Those inner parsers are of this class and never exit on error; there "None" is turned back
+        # into null, which also lets users write None for null.
+        if not self.exit_on_error and args is not None and len(args) == 1:
+            key, sep, value = str(args[0]).partition("=")
+            if key.startswith("--") and sep and value == "None":
+                args = [f"{key}=null"]
+        return super().parse_args(args, *rest, **kwargs)
+
 
 class DriftingCLI(LightningCLI):
     """LightningCLI with any LightningModule / LightningDataModule selected by class name in the config; ``fit``

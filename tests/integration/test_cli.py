@@ -82,6 +82,25 @@ def test_print_config_round_trips(tmp_path: Path):
     assert "Cauchy" in first.stdout
 
 
+@pytest.mark.parametrize("override", [["--model.loss.max_chunk_elements", "null"],
+                                      ["--model.loss.init_args.max_chunk_elements=null"],
+                                      ["--model.loss.max_chunk_elements", "None"]])
+def test_null_on_the_command_line_reaches_a_component_inside_the_model(tmp_path: Path, override: list[str]):
+    # jsonargparse passes such overrides on as text after parsing them, and null came out as the string "None"
+    bounded = tmp_path / "bounded.yaml"
+    bounded.write_text("model:\n  init_args:\n    loss:\n      init_args:\n        max_chunk_elements: 4096\n")
+    printed = run_drifting("fit", "--config", TOY, "--config", str(bounded), *override, "--print_config")
+    assert printed.returncode == 0, printed.stderr
+    assert yaml.safe_load(printed.stdout)["model"]["init_args"]["loss"]["init_args"]["max_chunk_elements"] is None
+
+
+def test_null_reaches_an_optional_path_inside_the_model():
+    mae = str(REPO / "configs" / "fashion_mnist_mae.yaml")
+    printed = run_drifting("fit", "--config", mae, "--model.encoder.checkpoint", "null", "--print_config")
+    assert printed.returncode == 0, printed.stderr
+    assert yaml.safe_load(printed.stdout)["model"]["init_args"]["encoder"]["init_args"]["checkpoint"] is None
+
+
 def test_ctrl_c_in_a_tool_command_is_a_short_message(capsys, monkeypatch):
     from drifting_lightning import cli
     from drifting_lightning.commands import sample
