@@ -3,6 +3,7 @@
     python benchmarks/train_step.py              # digits, Fashion-MNIST, Fashion-MNIST + MAE on the CPU: minutes
     python benchmarks/train_step.py --quick      # smoke test: digits at 2 class groups of 4
     python benchmarks/train_step.py --device cuda --imagenet   # adds DiT-B/2 at configs/imagenet.yaml's batch
+    python benchmarks/train_step.py --device cuda --imagenet --compile generator   # the step under torch.compile
 
 Model and data come from each config's YAML, built with jsonargparse as ``drifting fit`` builds them
 (``export.instantiate_section``). The ResNetMAE of fashion_mnist_mae.yaml (and imagenet.yaml) is built with random
@@ -15,7 +16,9 @@ part. Then, each in a fresh process:
   samples with gradient, positives and unconditional negatives without), the loss's forward, the backward down to
   the generated samples (the encoder's backward; the loss's own is a single multiply) and the generator's
   backward. "rest" is everything else: the remainder of training_step and its logging, clipping, AdamW, EMA and
-  Lightning's loop. On CUDA every hook synchronises, which costs a little overlap.
+  Lightning's loop. On CUDA every hook synchronises, which costs a little overlap. Under ``--compile`` the hooks at
+  the edges of a compiled part are graph breaks (Dynamo warns that it cannot trace ``time.perf_counter``); the
+  part's body is compiled.
 - peak memory of the step, and of each part alone (generator, encoder, loss: forward + backward on the captured
   inputs, a gradient of ones where the next part is missing). See benchmarks/measure.py; for the step the baseline
   is the start of the first step (model, EMA copy and batch exist; gradients, AdamW state, activations and the
@@ -69,7 +72,9 @@ def merged(base: dict, override: dict) -> dict:
     return out
 
 
-def write_config(config: str, folder: Path, quick: bool, imagenet_groups: int) -> tuple[Path, str]:
+def write_config(
+    config: str, folder: Path, quick: bool, imagenet_groups: int, compile_parts: list[str]
+) -> tuple[Path, str]:
     """The config with the benchmark's overrides, written to ``folder`` -> (path, what was changed, in words)."""
     cfg = read_run_config(ROOT / config)
     model = cfg["model"]["init_args"]
@@ -87,6 +92,9 @@ def write_config(config: str, folder: Path, quick: bool, imagenet_groups: int) -
     if quick:
         override = merged(override, {"model": {"init_args": {"generated_per_group": 4}}})
         notes.append("generated_per_group 4")
+    if compile_parts:
+        override = merged(override, {"model": {"init_args": {"compile": compile_parts}}})
+        notes.append(f"torch.compile: {' and '.join(compile_parts)} (the step; the parts alone run eager)")
     path = folder / Path(config).name
     path.write_text(yaml.safe_dump(merged(cfg, override)))
     return path, "; ".join(notes)
@@ -313,7 +321,7 @@ def step_rows(configs: list[str], args: argparse.Namespace, warmup: int, repeats
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for config in configs:
-            path, notes = write_config(config, Path(tmp), args.quick, args.imagenet_groups)
+            path, notes = write_config(config, Path(tmp), args.quick, args.imagenet_groups, args.compile)
             precision = read_run_config(path).get("trainer", {}).get("precision", "32-true")
             spec = {"config": config, "path": str(path), "device": args.device, "threads": args.threads,
                     "clock": args.clock,
@@ -384,6 +392,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs (default 5, quick 2)")
     parser.add_argument("--imagenet", action="store_true",
                         help=f"add {IMAGENET} (DiT-B/2, ResNetMAE width 256; CUDA only)")
+    parser.add_argument("--compile", nargs="+", default=[], choices=["generator", "loss"],
+                        help="parts the step runs under torch.compile (the config's model.compile; default none)")
     parser.add_argument("--imagenet-groups", type=int, default=8,
                         help="class groups per step of the ImageNet row (default 8: one GPU's share of the paper's "
                              "N_c 64 over 8 GPUs)")  # fmt: skip
