@@ -8,9 +8,11 @@ class of the innermost component, and the root error. ``parse_error`` and ``inst
 
 from __future__ import annotations
 
+import collections.abc
 import importlib
 import inspect
 import re
+import types
 import typing
 from argparse import ArgumentError
 from collections.abc import Iterator
@@ -137,6 +139,69 @@ def instantiation_error(err: BaseException, config: Any) -> BaseException | None
     found = list(_find_class(tree, classes[-1], []))
     where = found[0] if len(found) == 1 else classes[-1].rsplit(".", 1)[-1]
     return ValueError(f"{where}: {str(root).strip()}") if isinstance(root, (ValueError, TypeError)) else root
+
+
+def null_argument(config: Any) -> str | None:
+    """One line for the first constructor argument in ``config`` (a parsed config) that is null although its
+    type does not admit None (``model.lr: expected a number, got null``), else None. jsonargparse lets such a null
+    through when it comes from the command line for an argument of a component (``--model.lr null``), and the
+    constructor then fails on it with a bare TypeError, or the run at its first step."""
+    tree = config.as_dict() if hasattr(config, "as_dict") else config
+    for key, cls, name in _null_init_args(tree, []):
+        hint = _init_hint(cls, name)
+        if hint is not None and not _admits_none(hint):
+            return f"{key}: expected {_type_words(hint)}, got null ({cls.__name__} needs a value here)"
+    return None
+
+
+def _null_init_args(node: Any, keys: list[str]) -> Iterator[tuple[str, type, str]]:
+    """(key, class, argument name) of every null init argument of a component, depth first."""
+    if isinstance(node, dict):
+        cls = _import(node["class_path"]) if isinstance(node.get("class_path"), str) else None
+        args = node.get("init_args")
+        if inspect.isclass(cls) and isinstance(args, dict):
+            for name, value in args.items():
+                if value is None:
+                    yield ".".join([*keys, name]), cls, name
+        for k, v in node.items():
+            yield from _null_init_args(v, keys if k == "init_args" else [*keys, str(k)])
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _null_init_args(v, [*keys[:-1], f"{keys[-1]}[{i}]"] if keys else [f"[{i}]"])
+
+
+def _init_hint(cls: type, name: str) -> Any:
+    """The annotation of ``cls``'s constructor argument ``name``; None when it has none, its default is None, or
+    the annotations do not resolve (then there is nothing to hold the value to)."""
+    try:
+        parameter = inspect.signature(cls.__init__).parameters.get(name)
+        hint = typing.get_type_hints(cls.__init__).get(name)
+    except Exception:
+        return None
+    if parameter is None or parameter.default is None:
+        return None
+    return hint
+
+
+def _admits_none(hint: Any) -> bool:
+    if hint is None or hint is type(None) or hint is Any or hint is object:
+        return True
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_admits_none(arg) for arg in typing.get_args(hint))
+    return False
+
+
+def _type_words(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if origin in (list, tuple, collections.abc.Sequence):
+        return "a list"
+    if origin is dict or origin is collections.abc.Mapping:
+        return "a mapping"
+    if inspect.isclass(hint):
+        return _TYPE_WORDS.get(hint.__name__, f"a {hint.__name__}")
+    return "a value"
 
 
 def _find_class(node: Any, class_path: str, keys: list[str]) -> Iterator[str]:

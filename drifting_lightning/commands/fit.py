@@ -30,7 +30,7 @@ from drifting_lightning.callbacks.rng import TrainingRNG
 from drifting_lightning.checkpoints.atomic_io import AtomicCheckpointIO
 from drifting_lightning.checkpoints.resume import resolve_ckpt_path, resolve_last_checkpoint
 from drifting_lightning.commands import UsageError
-from drifting_lightning.commands.config_errors import argparse_error, instantiation_error, parse_error
+from drifting_lightning.commands.config_errors import argparse_error, instantiation_error, null_argument, parse_error
 from drifting_lightning.commands.run_folder import RunConfigCallback, remove_failed_start
 
 RESILIENCE_HELP = (
@@ -122,6 +122,8 @@ class DriftingCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
+        if (message := null_argument(self.config[subcommand] if subcommand else self.config)) is not None:
+            raise UsageError(message)
         if subcommand:
             resolve_ckpt_path(self.config[subcommand])
 

@@ -94,6 +94,20 @@ def test_null_on_the_command_line_reaches_a_component_inside_the_model(tmp_path:
     assert yaml.safe_load(printed.stdout)["model"]["init_args"]["loss"]["init_args"]["max_chunk_elements"] is None
 
 
+@pytest.mark.parametrize(("override", "expected"), [
+    (["--model.lr", "null"], "model.lr: expected a number, got null"),
+    (["--model.generator.noise_dim", "null"], "model.generator.noise_dim: expected an integer, got null"),
+    (["--model.loss.temperatures", "None"], "model.loss.temperatures: expected a list, got null"),
+    (["--model.loss.field", "MeanShift", "--model.loss.field.normalization", "null"],
+     "model.loss.field.normalization: expected one of 'both', 'targets', 'none', got null"),
+])
+def test_null_for_an_argument_that_needs_a_value_is_one_short_error(override: list[str], expected: str):
+    # jsonargparse lets these nulls through to the constructors, which failed with bare TypeErrors
+    result = run_drifting("fit", "--config", TOY, *override, *FAST)
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr
+
+
 def test_null_reaches_an_optional_path_inside_the_model():
     mae = str(REPO / "configs" / "fashion_mnist_mae.yaml")
     printed = run_drifting("fit", "--config", mae, "--model.encoder.checkpoint", "null", "--print_config")
