@@ -15,6 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 _BLOCK = 1 << 22  # bytes read per hash update: large files are hashed without holding them in memory
+# The process's umask, read once at import (reading it means setting it, which would race with threads later).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def temporary_name(path: Path) -> Path:
@@ -41,7 +44,9 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
 
     The temporary file lies in the target's own folder, so the rename never crosses file systems (where it would be a
     copy that a kill can cut short). If the block raises (or the process is interrupted), the temporary file is
-    removed and ``path`` keeps its old content. The target's folder is created when missing.
+    removed and ``path`` keeps its old content. The target's folder is created when missing. The file gets the
+    permissions of a plainly created one (0666 less the umask): writers that go through a private temporary file of
+    their own (safetensors) would otherwise leave it readable by its owner alone.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -53,6 +58,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(fd)
         finally:
             os.close(fd)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -38,3 +38,22 @@ def test_file_sha256_reads_in_blocks(tmp_path: Path):
     assert file_sha256(tmp_path / "w.bin") == hashlib.sha256(data).hexdigest()
     (tmp_path / "empty").write_bytes(b"")
     assert file_sha256(tmp_path / "empty") == hashlib.sha256(b"").hexdigest()
+
+
+def test_atomic_write_gives_the_permissions_of_a_plainly_created_file(tmp_path: Path):
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    private = tmp_path / "weights.safetensors"
+    with atomic_write(private) as tmp:
+        # what safetensors does: its own temporary file, readable by the owner alone
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o600))
+    assert private.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+
+
+def test_an_export_is_as_readable_as_its_config(tmp_path: Path):
+    from drifting_lightning.export import export_generator
+    from drifting_lightning.models.mlp import MLPGenerator
+
+    export_generator(MLPGenerator(noise_dim=4, hidden=(8,)), tmp_path / "export")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "export").iterdir()}
+    assert len(set(modes.values())) == 1, modes
