@@ -108,6 +108,14 @@ def _unknown_key(keys: list[str], option: str, class_path: str | None) -> str:
     if cls is None:
         return f"{key}: no such option; see `drifting fit --help`"
     params = [p for p in list(inspect.signature(cls.__init__).parameters)[1:] if p not in ("args", "kwargs")]
+    kind = next((k for k, base in registry.kinds().items() if base is cls), None)
+    if not params and kind is not None:  # the config names no class here: the constructor's default is used
+        found = registry.components(kind)
+        takes = [name for name, c in found.items() if option in inspect.signature(c.__init__).parameters]
+        where = ".".join(keys)
+        return (f"{key}: the config names no {registry.choices(cls)[0]} at {where} (its default is used), so it has no "
+                f"arguments to set; name one first, e.g. --{where} {(takes or list(found))[0]} --{key} ... "
+                f"(choose from {', '.join(found)})")
     hint = registry.suggest(option, params)
     return f"{key}: {cls.__name__} has no argument {option!r}; {hint + ' Its' if hint else 'its'} arguments: " + (
         ", ".join(params)

@@ -170,6 +170,17 @@ def test_a_bad_name_key_or_value_on_the_command_line_is_one_short_error(args, ex
     assert "DriftingModule" not in line or "generated_per_grup" in line  # no hint from another kind
 
 
+def test_an_argument_of_a_component_the_config_leaves_at_its_default_says_to_name_one():
+    # digits.yaml names no field: DriftingLoss uses MeanShift, which jsonargparse does not know about
+    digits = str(REPO / "configs" / "digits.yaml")
+    line = error_of(run_drifting("fit", "--config", digits, "--model.loss.field.normalization", "targets"))
+    assert line == (
+        "error: model.loss.field.normalization: the config names no field at model.loss.field (its default is used), "
+        "so it has no arguments to set; name one first, e.g. --model.loss.field MeanShift "
+        "--model.loss.field.normalization ... (choose from MMD, MeanShift, SinkhornDrift)"
+    )
+
+
 def _toy_with(tmp_path: Path, edit) -> str:
     config = yaml.safe_load(Path(TOY).read_text())
     edit(config)
