@@ -30,6 +30,7 @@ _UNKNOWN_NAME = (
 )
 _UNKNOWN_KEY = re.compile(r"^Option '([^']+)' is not accepted")
 _EXPECTED = re.compile(r"^Expected a <class '(\w+)'>\. Got value: (.*)$", re.S)
+_BY_INDEX = re.compile(r"unrecognized arguments: --(\d+\.\S*)")
 _TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
 
 
@@ -80,8 +81,12 @@ def parse_error(message: str, err: BaseException | None) -> str | None:
     if match := _EXPECTED.match(root):
         wanted = _TYPE_WORDS.get(match.group(1), match.group(1))
         return f"{key}: expected {wanted}, got {match.group(2).strip()!r}"
-    if key:
-        return f"{key}: {root.splitlines()[0]}"
+    if match := _BY_INDEX.search(root):
+        option = f"--{key}.{match.group(1).split('=')[0]}"
+        return (f"{key}: list elements cannot be set by index on the command line ({option}); set them in a "
+                f"config file (--config), or give the whole list: --{key} '[...]'")
+    if key:  # the reason may follow on the next lines ("Problem with given class_path ...:\n  <reason>")
+        return f"{key}: " + " ".join(line.strip() for line in root.splitlines() if line.strip())
     return None
 
 

@@ -159,6 +159,10 @@ KERNELS = "Cauchy, Gaussian, InverseMultiquadric, Laplace"
         (["--trainer.max_stepz", "3"], "error: unknown option --trainer.max_stepz; did you mean '--trainer.max_steps'"),
         (["--model.loss.temperatures", "[]"],
          "error: model.loss: temperatures must be a non-empty list of positive finite numbers, got []"),
+        (["--trainer.callbacks.1.init_args.every_n_steps", "2"],
+         "error: trainer.callbacks: list elements cannot be set by index on the command line "
+         "(--trainer.callbacks.1.init_args.every_n_steps); set them in a config file (--config), or give the whole "
+         "list: --trainer.callbacks '[...]'"),
         (["--model.loss.temperatures", "[-0.05]"],
          "error: model.loss: temperatures must be a non-empty list of positive finite numbers, got [-0.05]"),
     ],
