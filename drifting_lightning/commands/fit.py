@@ -179,13 +179,24 @@ def check_config_files(argv: Sequence[str]) -> None:
             path = arg.split("=", 1)[1]
         else:
             continue
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"config file {path} is a folder; give a YAML file in it (e.g. "
+                                    "configs/toy/checkerboard.yaml)")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"config file {path} does not exist (see configs/ for the shipped ones)")
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             try:
-                yaml.safe_load(f)
+                content = yaml.safe_load(f)
             except yaml.YAMLError as err:
                 raise ValueError(f"config file {path} is not valid YAML: {err}") from None
+            except UnicodeDecodeError:
+                raise ValueError(f"config file {path} is not a text file; give a YAML config") from None
+        if content is None:
+            raise ValueError(f"config file {path} is empty (or holds only comments); give it at least one key, "
+                             "e.g. 'trainer: {max_steps: 100}', or leave it out")
+        if not isinstance(content, dict):
+            raise ValueError(f"config file {path} holds a {type(content).__name__}, not keys: a config is a mapping "
+                             "of sections (model:, data:, trainer:)")
 
 
 def quiet_console() -> None:

@@ -52,6 +52,26 @@ def test_malformed_config_is_reported(tmp_path: Path):
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize(("content", "expected"), [
+    ("# my overrides, none yet\n", "is empty (or holds only comments)"),
+    ("- model\n- data\n", "holds a list, not keys"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00", "is not a text file"),
+    (None, "is a folder"),
+])
+def test_a_config_file_that_holds_no_config_is_named(tmp_path: Path, content, expected):
+    path = tmp_path / "override.yaml"
+    if content is None:
+        path.mkdir()
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    out = run_drifting("fit", "--config", TOY, "--config", str(path))
+    assert out.returncode != 0
+    assert f"config file {path} {expected}" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_swap_kernel_and_field_by_short_name_and_fit_writes_outputs(tmp_path: Path):
     out = run_drifting(
         "fit", "--config", TOY, *FAST,
