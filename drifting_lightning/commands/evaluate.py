@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from drifting_lightning.commands import resolve_device, run_command
 from drifting_lightning.files import atomic_write
 from drifting_lightning.metrics.frechet import FeatureMoments
-from drifting_lightning.metrics.npz import from_uint8, to_uint8
+from drifting_lightning.metrics.npz import from_uint8, open_npz, to_uint8
 
 IS_SPLITS = 10
 
@@ -31,7 +31,7 @@ def read_images(path: str, what: str) -> np.ndarray:
     """``arr_0`` of an ADM-style .npz: uint8 [N, H, W, C]."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"{what} file {path} does not exist (`drifting sample` writes one)")
-    with np.load(path) as f:
+    with open_npz(path, f"{what} file") as f:
         if "arr_0" not in f.files:
             raise KeyError(f"{path} has no 'arr_0' images (it has {sorted(f.files)}); expected an ADM-style .npz")
         return f["arr_0"]
@@ -86,7 +86,7 @@ def reference_images(args: argparse.Namespace, num_samples: int) -> tuple[np.nda
     if args.ref:
         if not Path(args.ref).is_file():
             raise FileNotFoundError(f"--ref {args.ref} does not exist (an ADM reference batch or a stats .npz)")
-        with np.load(args.ref) as f:
+        with open_npz(args.ref, "--ref") as f:
             stats = {"mu": f["mu"], "sigma": f["sigma"]} if {"mu", "sigma"} <= set(f.files) else None
             images = f["arr_0"] if "arr_0" in f.files else None
         if stats is None and images is None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +13,20 @@ import torch
 from torch import Tensor
 
 from drifting_lightning.files import atomic_write
+
+
+@contextlib.contextmanager
+def open_npz(path: str | os.PathLike, what: str) -> Iterator[np.lib.npyio.NpzFile]:
+    """``np.load`` of an .npz archive (no pickles), as a context manager; any other file is an error that names
+    ``what`` and ``path`` (numpy's own speak of pickled data or of context managers)."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile):
+        raise ValueError(f"{what} {path} is not an .npz archive (np.savez writes one)") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise ValueError(f"{what} {path} is a .npy array, not an .npz archive; save it with np.savez(path, arr_0=...)")
+    with loaded:
+        yield loaded
 
 
 def to_uint8(x: Tensor, channels_last: bool = True) -> Tensor:

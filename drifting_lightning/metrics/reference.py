@@ -20,6 +20,7 @@ from torch import Tensor
 
 from drifting_lightning.files import atomic_write
 from drifting_lightning.metrics.frechet import FeatureMoments
+from drifting_lightning.metrics.npz import open_npz
 
 
 def files_fingerprint(paths: Iterable[str | os.PathLike]) -> dict[str, list[int]]:
@@ -42,7 +43,7 @@ def load_reference_npz(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"reference statistics file {path} does not exist")
-    with np.load(path) as f:
+    with open_npz(path, "reference statistics file") as f:
         missing = [k for k in ("mu", "sigma") if k not in f.files]
         if missing:
             raise KeyError(f"{path} lacks key(s) {missing} (it has {sorted(f.files)}); expected ADM-style mu and sigma")
