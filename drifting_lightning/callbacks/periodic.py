@@ -37,7 +37,10 @@ def tensorboards(trainer: L.Trainer) -> Iterator[Any]:
 
 class PeriodicCallback(L.Callback):
     """Calls ``run(trainer, pl_module, final)`` at every ``every_n_steps``-th optimiser step (``final`` False) and at
-    the end of training (``final`` True; skipped when that step has just run), then ``finish``.
+    the end of training, then ``finish``. The end's run happens at the batch end of step ``max_steps`` when the
+    trainer has one (``final`` False): Lightning calls ModelCheckpoint's hooks after the other callbacks', so the
+    checkpoint of that step holds it, and a resumed run keeps it in its history. Otherwise (a run that ends by
+    epochs, or is stopped) it happens in ``on_train_end`` (``final`` True; skipped when that step has just run).
 
     ``global_zero_only``: run on global rank 0 only (pictures); otherwise every rank runs (collective metrics) and
     the subclass shares the result. ``last_step()`` is the step of the latest run (subclasses that keep a history in
@@ -71,7 +74,8 @@ class PeriodicCallback(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
-        if self.runs_here(trainer) and step > 0 and step % self.every_n_steps == 0 and step != self.last_step():
+        due = (step > 0 and step % self.every_n_steps == 0) or 0 < trainer.max_steps <= step
+        if self.runs_here(trainer) and due and step != self.last_step():
             self.run(trainer, pl_module, final=False)
             self._last_step = step
 

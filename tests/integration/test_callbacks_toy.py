@@ -121,3 +121,28 @@ def test_needs_a_datamodule(tmp_path):
     trainer = make_trainer(tmp_path, [ScatterPlotCallback(every_n_steps=1)])
     with pytest.raises(RuntimeError, match="real_samples"):
         trainer.fit(FakeModule(), train_dataloaders=loader)
+
+
+def test_the_metric_at_the_last_step_is_in_its_checkpoint_and_survives_a_resume(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(max_steps, ckpt_path=None):
+        metric = SampleMetricCallback(every_n_steps=2, num_samples=100)
+        trainer = L.Trainer(
+            max_steps=max_steps, accelerator="cpu", logger=False, default_root_dir=tmp_path,
+            enable_progress_bar=False, enable_model_summary=False,
+            callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True), metric],
+        )
+        dm = ToyDataModule("checkerboard", positives_per_step=32, steps_per_epoch=10)
+        trainer.fit(FakeModule(), datamodule=dm, ckpt_path=ckpt_path)
+        return metric
+
+    first = fit(3)
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["callbacks"]
+    (state,) = [v for k, v in saved.items() if k.startswith("SampleMetricCallback")]
+    assert [step for step, _ in state["history"]] == [2, 3]  # the end's value was evaluated before the save
+
+    resumed = fit(5, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert resumed.history[:2] == first.history and [step for step, _ in resumed.history] == [2, 3, 4, 5]
+    with open(tmp_path / "metrics.json") as f:
+        assert [step for step, _ in json.load(f)["history"]] == [2, 3, 4, 5]

@@ -38,8 +38,9 @@ class Recorder(PeriodicCallback):
         self.finished += 1
 
 
-def train(callback: PeriodicCallback, steps: int, rank: int = 0) -> None:
-    trainer = SimpleNamespace(global_step=0, is_global_zero=rank == 0, log_dir="run", default_root_dir="root")
+def train(callback: PeriodicCallback, steps: int, rank: int = 0, max_steps: int = -1) -> None:
+    trainer = SimpleNamespace(global_step=0, is_global_zero=rank == 0, log_dir="run", default_root_dir="root",
+                              max_steps=max_steps)
     callback.on_fit_start(trainer, None)
     for step in range(1, steps + 1):
         trainer.global_step = step
@@ -54,6 +55,12 @@ def test_periodic_schedule_runs_every_n_steps_and_once_at_the_end(steps, expecte
     callback = Recorder(every_n_steps=2)
     train(callback, steps)
     assert callback.calls == expected and callback.finished == 1 and callback.log_dir == "run"
+
+
+def test_the_run_at_the_end_of_max_steps_happens_at_its_batch_end_before_the_checkpoint():
+    callback = Recorder(every_n_steps=2)
+    train(callback, 5, max_steps=5)
+    assert callback.calls == [(2, False), (4, False), (5, False)] and callback.finished == 1
 
 
 def test_global_zero_only_callbacks_stay_quiet_on_other_ranks_and_metrics_do_not():
