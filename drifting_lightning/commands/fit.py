@@ -155,15 +155,16 @@ class DriftingCLI(LightningCLI):
         return super()._instantiate_trainer(config, callbacks)
 
     def _run_subcommand(self, subcommand: str) -> None:
-        # Rank 0 creates the run folder; when the run fails before its first step, it removes the folder again.
+        # Rank 0 creates the run folder; when the run fails before its first step, it removes the folder again, or
+        # what it added to a folder that was there.
         trainer = self.trainer
         folder = Path(trainer.log_dir or trainer.default_root_dir) if trainer.is_global_zero else None
-        created = folder is not None and not folder.exists()
+        existing = set(folder.rglob("*")) if folder is not None and folder.exists() else None
         try:
             super()._run_subcommand(subcommand)
         except BaseException as err:
-            if created:
-                remove_failed_start(trainer, folder)
+            if folder is not None:
+                remove_failed_start(trainer, folder, existing)
             # Lightning answers a Ctrl-C before training starts (GracefulStop handles it after) with exit(1).
             if isinstance(err, SystemExit) and isinstance(err.__context__, KeyboardInterrupt):
                 raise KeyboardInterrupt from None

@@ -5,7 +5,8 @@
   writes to ``<default_root_dir>/checkpoints``): it says how to resume that run or where to start this one. Refusing
   is less surprising than a folder per run: ``--ckpt_path last`` keeps finding the checkpoints where the user left
   them, and nothing is overwritten silently.
-- A run that fails before its first step removes the folder it created (``remove_failed_start``).
+- A run that fails before its first step removes the folder it created, or, in a folder that was there (a refused
+  resume), the files it added: its config.resume-k.yaml and event files (``remove_failed_start``).
 """
 
 from __future__ import annotations
@@ -54,11 +55,22 @@ def _decide(trainer: pl.Trainer, log_dir: Path, filename: str, resumed: bool) ->
     )
 
 
-def remove_failed_start(trainer: pl.Trainer, folder: Path) -> None:
-    """Remove ``folder`` (created by this run) when the run ended before its first step and wrote no checkpoint:
-    nothing in it is worth keeping, and empty version folders make ``--ckpt_path last`` and TensorBoard harder to
-    read. A run that got further keeps everything."""
+def remove_failed_start(trainer: pl.Trainer, folder: Path, existing: set[Path] | None = None) -> None:
+    """When the run ended before its first step (and before a resume restored one): remove ``folder`` if this run
+    created it (``existing`` None) and it holds no checkpoint, else the files in it that are not in ``existing`` (the
+    folder's files before the run). Nothing they hold is worth keeping: a refused resume would otherwise leave a
+    config.resume-k.yaml of a run that never ran, and empty version folders make ``--ckpt_path last`` and
+    TensorBoard harder to read. A run that got further keeps everything."""
     if trainer.global_step > 0 or not folder.is_dir():
         return
-    if not any(folder.rglob("*.ckpt")):
-        shutil.rmtree(folder, ignore_errors=True)
+    if existing is None:
+        if not any(folder.rglob("*.ckpt")):
+            shutil.rmtree(folder, ignore_errors=True)
+        return
+    for path in sorted(folder.rglob("*"), reverse=True):  # files before their folders
+        if path in existing:
+            continue
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+        elif path.is_file() and path.suffix != ".ckpt":
+            path.unlink(missing_ok=True)

@@ -73,6 +73,16 @@ def test_a_resume_keeps_the_first_config_and_the_console_is_quiet(tmp_path: Path
     assert yaml.safe_load((run / "config.resume-1.yaml").read_text())["trainer"]["max_steps"] == 4
 
 
+def test_a_refused_resume_adds_nothing_to_the_run_folder(tmp_path: Path):
+    common = ["fit", "--config", TOY, *QUIET, "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    assert run_drifting(*common, "--trainer.max_steps", "2").returncode == 0
+    before = sorted(tmp_path.rglob("*"))
+    refused = run_drifting(*common, "--trainer.max_steps", "4", "--ckpt_path", "last",
+                           "--model.generator.init_args.hidden", "[64]")  # fmt: skip
+    assert refused.returncode == 1 and "different model config" in refused.stderr
+    assert sorted(tmp_path.rglob("*")) == before  # no config.resume-1.yaml of a run that never ran, no event file
+
+
 def _interrupt(process, after: str | None) -> tuple[int, str]:
     """SIGINT to ``process`` once a stderr line contains ``after`` (None: at once), then its status and stderr."""
     seen = ""
