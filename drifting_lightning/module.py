@@ -74,6 +74,12 @@ class DriftingModule(pl.LightningModule):
         super().__init__()
         if generated_per_group < 1:
             raise ValueError(f"generated_per_group must be >= 1, got {generated_per_group}")
+        if not lr > 0:  # AdamW would refuse it at the first step, without naming the key
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if not weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {list(betas)}")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in [0, 1), got {ema_decay}")
         if nonfinite not in ("stop", "skip"):

@@ -108,7 +108,7 @@ def _others(path: Path) -> str:
     others = sorted(p.name for p in path.parent.glob("*.ckpt") if p.name != path.name) if path.parent.is_dir() else []
     if others:
         return f" Other checkpoints in {path.parent}: {', '.join(others)}; use one of them, or start anew."
-    return " Use another checkpoint, or start a new run without --ckpt_path."
+    return " Use another checkpoint (`drifting fit` without --ckpt_path starts a new run)."
 
 
 def check_finite(tensors: Mapping[str, Any], source: PathLike) -> None:

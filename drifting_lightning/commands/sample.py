@@ -141,6 +141,9 @@ def _run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(
             f"--ckpt {args.ckpt} does not exist (drifting fit writes runs/<name>/version_<k>/checkpoints/*.ckpt)"
         )
+    for flag, folder in (("--png-dir", args.png_dir), ("--out", Path(args.out).parent)):
+        if folder and Path(folder).exists() and not Path(folder).is_dir():
+            raise NotADirectoryError(f"{flag}: {folder} is a file, not a folder")
     device = resolve_device(args.device)
     sample_fn, num_classes = sampler_from(args.ckpt, args.config, args.alpha, device, args.vae, args.allow_hub)
     images, labels = sample_images(
