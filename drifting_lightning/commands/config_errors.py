@@ -39,7 +39,7 @@ def _chain(err: BaseException | None) -> Iterator[BaseException]:
     while err is not None and id(err) not in seen:
         seen.add(id(err))
         yield err
-        err = err.__cause__ or err.__context__
+        err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)  # "from None" ends it
 
 
 def _import(class_path: str) -> Any:
@@ -151,6 +151,8 @@ def instantiation_error(err: BaseException, config: Any) -> BaseException | None
     tree = config.as_dict() if hasattr(config, "as_dict") else config
     found = list(_find_class(tree, classes[-1], []))
     where = found[0] if len(found) == 1 else classes[-1].rsplit(".", 1)[-1]
+    if isinstance(root, FileNotFoundError):
+        return FileNotFoundError(f"{where}: {str(root).strip()}")
     return ValueError(f"{where}: {str(root).strip()}") if isinstance(root, (ValueError, TypeError)) else root
 
 

@@ -136,7 +136,7 @@ class DriftingCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
-        except (ValueError, TypeError) as err:
+        except (ValueError, TypeError, FileNotFoundError) as err:
             config = self.config[self.subcommand] if self.subcommand else self.config
             short = instantiation_error(err, config)
             if short is None or os.environ.get("DRIFTING_DEBUG"):

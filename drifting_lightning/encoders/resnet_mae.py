@@ -213,7 +213,16 @@ class ResNetMAE(FeatureEncoder):
         unknown = [f for f in families if f not in FAMILIES]
         if unknown:
             raise ValueError(f"unknown feature families {unknown}; choose from {list(FAMILIES)}")
-        state, stored = encoder_checkpoint(checkpoint) if checkpoint is not None else ({}, None)
+        if every_k_block < 1:
+            raise ValueError(f"every_k_block must be >= 1, got {every_k_block}")
+        try:
+            state, stored = encoder_checkpoint(checkpoint) if checkpoint is not None else ({}, None)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(
+                f"{err}. Pretrain one (`drifting fit --config configs/mae/<data>.yaml` writes "
+                "runs/mae/<data>/checkpoints/last.ckpt), convert the authors' (`drifting import-official`), or set "
+                "checkpoint: null for random weights"
+            ) from None
         self.arch = ResNetConfig.of(arch if arch is not None else stored or ResNetConfig())
         self.families, self.every_k_block = tuple(families), every_k_block
         self.include_input_stats, self.include_raw = include_input_stats, include_raw

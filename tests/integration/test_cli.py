@@ -184,6 +184,9 @@ KERNELS = "Cauchy, Gaussian, InverseMultiquadric, Laplace"
          "(--trainer.callbacks.1.init_args.every_n_steps); set them in a config file (--config), or give the whole "
          "list: --trainer.callbacks '[...]'"),
         (["--model.lr", "-1"], "error: model: lr must be > 0, got -1.0"),
+        (["--model.encoder", "ResNetMAE", "--model.encoder.checkpoint", "no/mae.ckpt"],
+         "error: model.encoder: encoder checkpoint not found: 'no/mae.ckpt' (check the path; nothing is downloaded). "
+         "Pretrain one (`drifting fit --config configs/mae/<data>.yaml`"),
         (["--model.betas", "[0.9, 1.5]"], "error: model: betas must be two numbers in [0, 1), got [0.9, 1.5]"),
         (["--model.loss.temperatures", "[-0.05]"],
          "error: model.loss: temperatures must be a non-empty list of positive finite numbers, got [-0.05]"),
