@@ -159,9 +159,15 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         reference=ref_desc,
         num_reference=None if real is None or stats is not None else real.n,  # None: statistics from --ref
         reference_statistics="file" if stats is not None else "computed",
-        extractor={"checkpoint": args.checkpoint, "weights": str(getattr(extractor, "weights_path", args.weights))},
+        extractor={"checkpoint": args.checkpoint,
+                   "weights": _path_or_none(getattr(extractor, "weights_path", args.weights))},
     )
     return result
+
+
+def _path_or_none(path: object) -> str | None:
+    """A path for the JSON record; None stays null (str() would make it the string 'None')."""
+    return None if path is None else str(path)
 
 
 def build_parser() -> argparse.ArgumentParser:

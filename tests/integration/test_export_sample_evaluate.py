@@ -168,6 +168,7 @@ def test_evaluate_fd_classifier(run, tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result["metric"] == "fd_classifier" and result["num_samples"] == 60 and result["num_reference"] == 80
     assert 0 <= result["precision"] <= 1 and 0 <= result["recall"] <= 1
+    assert result["extractor"] == {"checkpoint": str(clf), "weights": None}  # null, not the string 'None'
 
     # The same number by hand: both sides through uint8, back to [-1, 1], then the classifier's features.
     real = to_uint8(dm.real_samples(80, split="train", seed=0)[0], channels_last=False).float() / 127.5 - 1
