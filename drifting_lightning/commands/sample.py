@@ -70,8 +70,16 @@ def sampler_from(
     ``decode_samples``) or of a ``drifting export`` directory (the generator alone; its latents decoded by ``vae``,
     a local diffusers folder or, with ``allow_hub``, a hub id, when given)."""
     from drifting_lightning.checkpoints.reading import is_distributed_checkpoint
-    from drifting_lightning.export import load_generator
+    from drifting_lightning.checkpoints.resume import last_in_run_folder
+    from drifting_lightning.console import notice
+    from drifting_lightning.export import CONFIG_FILE, load_generator
 
+    if Path(path).is_dir() and not (Path(path) / CONFIG_FILE).exists() and not is_distributed_checkpoint(path):
+        try:  # a run folder, as `drifting fit --ckpt_path` takes one: its newest last.ckpt
+            path = str(last_in_run_folder(Path(path)))
+            notice(f"--ckpt is a run folder: sampling from {path}")
+        except FileNotFoundError:
+            pass  # not a run folder either: load_generator says what an export folder holds
     if Path(path).is_dir() and not is_distributed_checkpoint(path):
         gen = load_generator(path, device)
         codec = None
@@ -116,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--ckpt", required=True,
-                        help="a `drifting fit` checkpoint (.ckpt file or sharded folder) or an export directory")
+                        help="a `drifting fit` checkpoint (.ckpt file or sharded folder), a run folder "
+                             "(runs/<name>/version_<k>: its newest last.ckpt) or an export directory")
     parser.add_argument("--config", help="the run's config.yaml (default: found beside the checkpoint)")
     parser.add_argument("--num", type=int, default=50000, help="number of samples (50000 for reported FID)")
     parser.add_argument("--alpha", type=float, default=1.0, help="guidance scale (1.0 = no guidance)")

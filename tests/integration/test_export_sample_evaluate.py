@@ -148,6 +148,11 @@ def test_load_module_export_and_sample_from_checkpoint(run, tmp_path):
     with np.load(from_export) as f:
         np.testing.assert_array_equal(f["arr_0"], images)
 
+    from_folder = tmp_path / "from_folder.npz"  # the run folder, as `fit --ckpt_path` takes it: its last.ckpt
+    assert sample.main(["--ckpt", str(run["folder"]), "--out", str(from_folder), *args]) == 0
+    with np.load(from_folder) as f:
+        np.testing.assert_array_equal(f["arr_0"], images)
+
 
 def test_evaluate_fd_classifier(run, tmp_path, capsys):
     dm = DigitsDataModule(positives=ClassAwareSampler(classes_per_step=10, positives_per_class=8), steps_per_epoch=30)
