@@ -8,6 +8,7 @@ that never lose an earlier run (``run_folder``); a progress bar in steps; a cons
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -160,11 +161,15 @@ class DriftingCLI(LightningCLI):
         trainer = self.trainer
         folder = Path(trainer.log_dir or trainer.default_root_dir) if trainer.is_global_zero else None
         existing = set(folder.rglob("*")) if folder is not None and folder.exists() else None
+        new_parents = [p for p in folder.parents if not p.exists()] if folder is not None else []  # nearest first
         try:
             super()._run_subcommand(subcommand)
         except BaseException as err:
             if folder is not None:
                 remove_failed_start(trainer, folder, existing)
+                for parent in new_parents if not folder.exists() else []:  # runs/<name>/ made for this run alone
+                    with contextlib.suppress(OSError):  # not empty: another run's, or it kept files
+                        parent.rmdir()
             # Lightning answers a Ctrl-C before training starts (GracefulStop handles it after) with exit(1).
             if isinstance(err, SystemExit) and isinstance(err.__context__, KeyboardInterrupt):
                 raise KeyboardInterrupt from None

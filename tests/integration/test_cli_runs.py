@@ -42,6 +42,14 @@ def test_a_mismatch_stops_before_the_first_step_names_the_key_and_leaves_no_fold
     assert not (tmp_path / "classes").exists()
 
 
+def test_a_run_that_fails_before_its_first_step_leaves_no_empty_log_folders(tmp_path: Path):
+    logs = tmp_path / "logs"
+    out = run_drifting("fit", "--config", TOY, *QUIET, "--trainer.logger.init_args.save_dir", str(logs),
+                       "--model.generator.init_args.output_dim", "3")  # fmt: skip
+    assert out.returncode == 1 and "makes samples of shape (3,)" in out.stderr
+    assert not logs.exists()  # neither logs/checkerboard/version_0 nor the folders above it, made for this run
+
+
 def test_a_new_run_without_logger_refuses_to_overwrite_the_last_one(tmp_path: Path):
     assert run_drifting(*bare(tmp_path, "--trainer.max_steps", "1")).returncode == 0
     last = tmp_path / "checkpoints" / "last.ckpt"
