@@ -56,18 +56,20 @@ def parse_error(message: str, err: BaseException | None) -> str | None:
     keys: list[str] = []
     classes: list[str] = []  # the class_path of each component level, outermost first
     owner = base = None  # the class whose argument the innermost key is, and that key's base class
+    subtypes: list[str] = []  # the plain types of the innermost union, when the key takes one of several
     levels = [e for e in _chain(err) if not isinstance(e, ArgumentError)] or [ValueError(message)]
     for e in levels:
         text = str(e).strip()
         if match := _KEY.match(text):
             keys += [k for k in match.group(1).split(".") if k != "init_args"]
-            owner, base = (classes[-1] if classes else None), None
+            owner, base, subtypes = (classes[-1] if classes else None), None, []
             if match.group(2):
                 keys[-1] += f"[{int(match.group(2)) - 1}]"
         elif match := _PROBLEM.match(text):
             classes.append(match.group(1))
-        elif (match := _UNION.match(text)) and base is None:
-            base = match.group(1)
+        elif match := _UNION.match(text):
+            base = base or match.group(1)
+            subtypes = re.findall(r"<class '(\w+)'>", text.splitlines()[1])
     root = str(levels[-1]).strip()
     key = ".".join(keys)
     if match := _UNKNOWN_KEY.match(root):
@@ -79,7 +81,9 @@ def parse_error(message: str, err: BaseException | None) -> str | None:
     if name is not None and expected is not None:
         return _unknown_name(key, name, expected)
     if match := _EXPECTED.match(root):
-        wanted = _TYPE_WORDS.get(match.group(1), match.group(1))
+        plain = [t for t in subtypes if t in _TYPE_WORDS]
+        names = plain if match.group(1) in plain else [match.group(1)]  # bool | int: either is fine
+        wanted = " or ".join(_TYPE_WORDS.get(n, n) for n in names)
         return f"{key}: expected {wanted}, got {match.group(2).strip()!r}"
     if match := _BY_INDEX.search(root):
         option = f"--{key}.{match.group(1).split('=')[0]}"

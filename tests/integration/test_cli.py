@@ -176,6 +176,7 @@ KERNELS = "Cauchy, Gaussian, InverseMultiquadric, Laplace"
          "error: model.generated_per_grup: DriftingModule has no argument 'generated_per_grup'; did you mean "
          "'generated_per_group'? Its arguments:"),
         (["--trainer.max_steps", "lots"], "error: trainer.max_steps: expected an integer, got 'lots'"),
+        (["--seed_everything", "abc"], "error: seed_everything: expected true or false or an integer, got 'abc'"),
         (["--trainer.max_stepz", "3"], "error: unknown option --trainer.max_stepz; did you mean '--trainer.max_steps'"),
         (["--model.loss.temperatures", "[]"],
          "error: model.loss: temperatures must be a non-empty list of positive finite numbers, got []"),
