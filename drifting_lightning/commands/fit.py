@@ -8,7 +8,6 @@ that never lose an earlier run (``run_folder``); a progress bar in steps; a cons
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -166,10 +165,7 @@ class DriftingCLI(LightningCLI):
             super()._run_subcommand(subcommand)
         except BaseException as err:
             if folder is not None:
-                remove_failed_start(trainer, folder, existing)
-                for parent in new_parents if not folder.exists() else []:  # runs/<name>/ made for this run alone
-                    with contextlib.suppress(OSError):  # not empty: another run's, or it kept files
-                        parent.rmdir()
+                remove_failed_start(trainer, folder, existing, new_parents)
             # Lightning answers a Ctrl-C before training starts (GracefulStop handles it after) with exit(1).
             if isinstance(err, SystemExit) and isinstance(err.__context__, KeyboardInterrupt):
                 raise KeyboardInterrupt from None

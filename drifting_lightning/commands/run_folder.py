@@ -11,7 +11,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -55,17 +57,23 @@ def _decide(trainer: pl.Trainer, log_dir: Path, filename: str, resumed: bool) ->
     )
 
 
-def remove_failed_start(trainer: pl.Trainer, folder: Path, existing: set[Path] | None = None) -> None:
+def remove_failed_start(
+    trainer: pl.Trainer, folder: Path, existing: set[Path] | None = None, new_parents: Sequence[Path] = ()
+) -> None:
     """When the run ended before its first step (and before a resume restored one): remove ``folder`` if this run
-    created it (``existing`` None) and it holds no checkpoint, else the files in it that are not in ``existing`` (the
-    folder's files before the run). Nothing they hold is worth keeping: a refused resume would otherwise leave a
-    config.resume-k.yaml of a run that never ran, and empty version folders make ``--ckpt_path last`` and
-    TensorBoard harder to read. A run that got further keeps everything."""
+    created it (``existing`` None) and it holds no checkpoint, with those of ``new_parents`` (the folders above it
+    that this run created, nearest first) that are then empty; else the files in it that are not in ``existing``
+    (the folder's files before the run). Nothing they hold is worth keeping: a refused resume would otherwise leave
+    a config.resume-k.yaml of a run that never ran, and empty folders make ``--ckpt_path last`` and TensorBoard
+    harder to read. A run that got further keeps everything."""
     if trainer.global_step > 0 or not folder.is_dir():
         return
     if existing is None:
         if not any(folder.rglob("*.ckpt")):
             shutil.rmtree(folder, ignore_errors=True)
+            for parent in new_parents:  # e.g. runs/<name>/, made for this run alone
+                with contextlib.suppress(OSError):  # not empty: another run wrote into it meanwhile
+                    parent.rmdir()
         return
     for path in sorted(folder.rglob("*"), reverse=True):  # files before their folders
         if path in existing:
