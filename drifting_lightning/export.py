@@ -22,7 +22,13 @@ from safetensors.torch import load_file, load_model, save_model
 from torch import nn
 
 from drifting_lightning.checkpoints.loading import class_path, find_run_config, read_run_config
-from drifting_lightning.checkpoints.reading import CheckpointError, PathLike, check_finite, read_checkpoint
+from drifting_lightning.checkpoints.reading import (
+    CheckpointError,
+    PathLike,
+    check_finite,
+    existing_checkpoint,
+    read_checkpoint,
+)
 from drifting_lightning.checkpoints.states import describe_mismatch
 from drifting_lightning.files import atomic_write, file_sha256
 
@@ -109,7 +115,7 @@ def export_generator(
         source = {"module": class_path(type(module))}
         needs_decoding = getattr(module, "decoder", None) is not None  # a latent DriftingModule
     else:
-        ckpt_path = Path(module_or_ckpt).expanduser()
+        ckpt_path = existing_checkpoint(module_or_ckpt)  # a run folder: its newest last.ckpt
         ckpt = read_checkpoint(ckpt_path)
         spec = generator_spec(ckpt, ckpt_path, config)
         cls, init_args = import_class(spec["class_path"]), spec["init_args"]

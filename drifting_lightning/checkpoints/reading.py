@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import struct
 import tempfile
 import warnings
@@ -29,6 +30,7 @@ from torch import Tensor
 DISTRIBUTED_INDEX = ".metadata"  # torch.distributed.checkpoint's index file in a sharded checkpoint folder
 DISTRIBUTED_META = "meta.pt"  # Lightning's file for everything but the model and optimiser in such a folder
 FIT_CHECKPOINT = "a `drifting fit` checkpoint (runs/<name>/version_<k>/checkpoints/last.ckpt)"
+LAST = re.compile(r"^last(-v\d+)?\.ckpt$")  # ModelCheckpoint's save_last names
 WEIGHTS_FILE = "a weights file (.safetensors, or a torch.save file: .pt/.pth/.ckpt/.bin)"
 PathLike = str | os.PathLike
 
@@ -149,14 +151,31 @@ def is_distributed_checkpoint(path: PathLike) -> bool:
 
 
 def existing_checkpoint(path: PathLike) -> Path:
-    """``path`` as a Path when it is a checkpoint file or a sharded checkpoint folder, else FileNotFoundError."""
+    """``path`` as a Path when it is a checkpoint file or a sharded checkpoint folder; a run folder
+    (``runs/<name>/version_<k>``) or its ``checkpoints/`` as its newest ``last.ckpt`` (``last_in_run_folder``);
+    else FileNotFoundError."""
     p = Path(path).expanduser()
-    if p.is_dir() and not is_distributed_checkpoint(p):
-        raise FileNotFoundError(
-            f"{str(p)!r} is a folder but not a sharded checkpoint (no {DISTRIBUTED_INDEX} file): pass a .ckpt file "
-            "or a folder that a sharded save wrote"
-        )
-    return p if p.is_dir() else existing_file(p, "checkpoint")
+    if p.is_dir():
+        return p if is_distributed_checkpoint(p) else last_in_run_folder(p)
+    return existing_file(p, "checkpoint")
+
+
+def last_in_run_folder(folder: Path, option: str = "", keywords: str = "") -> Path:
+    """The newest ``last.ckpt`` of a run folder (in its ``checkpoints/``) or of a checkpoints folder; else a
+    FileNotFoundError that says what a checkpoint argument takes. ``option`` names the argument in that message;
+    ``keywords`` adds the words it also takes (``fit --ckpt_path``: "last")."""
+    places = [folder / "checkpoints", folder]
+    found = [p for place in places if place.is_dir() for p in place.iterdir() if LAST.match(p.name)]
+    if found:
+        return max(found, key=lambda p: p.stat().st_mtime)
+    others = sorted(str(p) for place in places if place.is_dir() for p in place.glob("*.ckpt"))
+    held = f" It holds {', '.join(others[:4])}: pass one of them." if others else ""
+    given = f"{option} {folder}" if option else str(folder)
+    raise FileNotFoundError(
+        f"{given} is a folder without a last.ckpt (looked in {places[0]} and {folder}); expected a .ckpt file, a run "
+        f"folder runs/<name>/version_<k> with checkpoints/last.ckpt, {'a' if keywords else 'or a'} sharded "
+        f"checkpoint folder (with a {DISTRIBUTED_INDEX} file){keywords}.{held}"
+    )
 
 
 def _torch_load(path: Path, map_location: Any, weights_only: bool | None) -> Any:

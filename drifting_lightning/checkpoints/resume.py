@@ -20,10 +20,14 @@ from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from drifting_lightning.checkpoints.reading import is_distributed_checkpoint, verify_checkpoint_file
+from drifting_lightning.checkpoints.reading import (
+    LAST,
+    is_distributed_checkpoint,
+    last_in_run_folder,
+    verify_checkpoint_file,
+)
 from drifting_lightning.console import notice
 
-LAST = re.compile(r"^last(-v\d+)?\.ckpt$")  # ModelCheckpoint's save_last names
 VERSION = re.compile(r"^version_\d+$")  # the version folders of TensorBoard and CSV loggers
 
 
@@ -36,28 +40,12 @@ def resolve_ckpt_path(config: Namespace) -> None:
         return
     if os.path.isdir(ckpt_path):
         if not is_distributed_checkpoint(ckpt_path):
-            last = last_in_run_folder(Path(ckpt_path))
+            last = last_in_run_folder(Path(ckpt_path), "--ckpt_path", ", or 'last'")
             config.ckpt_path = str(last)
             _log_into_run_of(config, last)
             notice(f"--ckpt_path {ckpt_path} is a run folder: resuming from {last}")
         return
     verify_checkpoint_file(ckpt_path)
-
-
-def last_in_run_folder(folder: Path) -> Path:
-    """The newest ``last.ckpt`` of a run folder (in its ``checkpoints/``) or of a checkpoints folder; else a
-    FileNotFoundError that says what ``--ckpt_path`` takes."""
-    places = [folder / "checkpoints", folder]
-    found = [p for place in places if place.is_dir() for p in place.iterdir() if LAST.match(p.name)]
-    if found:
-        return max(found, key=lambda p: p.stat().st_mtime)
-    others = sorted(str(p) for place in places if place.is_dir() for p in place.glob("*.ckpt"))
-    held = f" It holds {', '.join(others[:4])}: pass one of them." if others else ""
-    raise FileNotFoundError(
-        f"--ckpt_path {folder} is a folder without a last.ckpt (looked in {places[0]} and {folder}); expected a .ckpt "
-        f"file, a run folder runs/<name>/version_<k> with checkpoints/last.ckpt, a sharded checkpoint folder, or "
-        f"'last'.{held}"
-    )
 
 
 # ---- resuming with --ckpt_path last ------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
+from pathlib import Path
 
 from drifting_lightning.commands import run_command
 
@@ -23,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
         "drifting_lightning.load_generator(DIR): no Lightning, no CLI.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--ckpt", required=True, help="a `drifting fit` checkpoint (.ckpt file or sharded folder)")
+    parser.add_argument("--ckpt", required=True, help="a `drifting fit` checkpoint: a .ckpt file, a sharded folder, "
+                        "or a run folder (its newest last.ckpt)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--config", help="the run's config.yaml (default: found beside the checkpoint)")
     parser.add_argument("--online", action="store_true", help="export the online weights instead of the EMA")
@@ -31,9 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from drifting_lightning.checkpoints.reading import existing_checkpoint
+    from drifting_lightning.console import notice
     from drifting_lightning.export import CONFIG_FILE, export_generator
 
-    out = export_generator(args.ckpt, args.out, use_ema=not args.online, config=args.config)
+    ckpt = existing_checkpoint(args.ckpt)
+    if ckpt != Path(args.ckpt).expanduser():
+        notice(f"--ckpt is a run folder: exporting from {ckpt}")
+    out = export_generator(ckpt, args.out, use_ema=not args.online, config=args.config)
     cfg = json.loads((out / CONFIG_FILE).read_text())
     print(
         f"exported {cfg['class_path']} ({cfg['parameters']:,} parameters, {'EMA' if cfg['ema'] else 'online'} "

@@ -69,14 +69,13 @@ def sampler_from(
     """(sample function, number of classes) of a ``drifting fit`` checkpoint (its module's EMA generator and
     ``decode_samples``) or of a ``drifting export`` directory (the generator alone; its latents decoded by ``vae``,
     a local diffusers folder or, with ``allow_hub``, a hub id, when given)."""
-    from drifting_lightning.checkpoints.reading import is_distributed_checkpoint
-    from drifting_lightning.checkpoints.resume import last_in_run_folder
+    from drifting_lightning.checkpoints.reading import existing_checkpoint, is_distributed_checkpoint
     from drifting_lightning.console import notice
     from drifting_lightning.export import CONFIG_FILE, load_generator
 
     if Path(path).is_dir() and not (Path(path) / CONFIG_FILE).exists() and not is_distributed_checkpoint(path):
         try:  # a run folder, as `drifting fit --ckpt_path` takes one: its newest last.ckpt
-            path = str(last_in_run_folder(Path(path)))
+            path = str(existing_checkpoint(path))
             notice(f"--ckpt is a run folder: sampling from {path}")
         except FileNotFoundError:
             pass  # not a run folder either: load_generator says what an export folder holds

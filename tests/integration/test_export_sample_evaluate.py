@@ -122,7 +122,7 @@ def test_export_mlp_generator(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["init_args"]["hidden"] == [16, 24]
 
 
-def test_load_module_export_and_sample_from_checkpoint(run, tmp_path):
+def test_load_module_export_and_sample_from_checkpoint(run, tmp_path, capsys):
     module = load_module(run["ckpt"])
     assert isinstance(module, DriftingModule) and isinstance(module.ema_generator, DiT)
     assert module.ema_generator.config["hidden_size"] == 32
@@ -152,6 +152,14 @@ def test_load_module_export_and_sample_from_checkpoint(run, tmp_path):
     assert sample.main(["--ckpt", str(run["folder"]), "--out", str(from_folder), *args]) == 0
     with np.load(from_folder) as f:
         np.testing.assert_array_equal(f["arr_0"], images)
+
+    # export and load_module take the run folder too: its newest last.ckpt
+    capsys.readouterr()
+    assert export.main(["--ckpt", str(run["folder"]), "--out", str(tmp_path / "export_of_folder")]) == 0
+    assert f"--ckpt is a run folder: exporting from {run['ckpt']}" in capsys.readouterr().err
+    assert torch.equal(draw(load_generator(tmp_path / "export_of_folder")), draw(module.ema_generator))
+    from_folder_module = load_module(run["folder"])
+    assert all(torch.equal(v, module.state_dict()[k]) for k, v in from_folder_module.state_dict().items())
 
 
 def test_evaluate_fd_classifier(run, tmp_path, capsys):
@@ -279,4 +287,5 @@ def test_sharded_checkpoint_folders_load_export_and_sample(run, tmp_path, model_
 def test_a_folder_that_is_not_a_checkpoint_is_named(tmp_path, capsys):
     assert export.main(["--ckpt", str(tmp_path), "--out", str(tmp_path / "e")]) == 1
     err = capsys.readouterr().err
-    assert str(tmp_path) in err and "not a sharded checkpoint" in err and "Traceback" not in err
+    assert f"{tmp_path} is a folder without a last.ckpt" in err and "sharded checkpoint folder (with a .metadata" in err
+    assert "Traceback" not in err

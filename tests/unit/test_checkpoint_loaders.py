@@ -230,5 +230,6 @@ def test_ckpt_path_accepts_a_run_folder_or_says_what_it_takes(run: Path, tmp_pat
     assert str(err.value) == (
         f"--ckpt_path {empty} is a folder without a last.ckpt (looked in {empty / 'checkpoints'} and {empty}); "
         "expected a .ckpt file, a run folder runs/<name>/version_<k> with checkpoints/last.ckpt, a sharded "
-        f"checkpoint folder, or 'last'. It holds {empty / 'checkpoints' / 'epoch=0-step=5.ckpt'}: pass one of them."
+        f"checkpoint folder (with a .metadata file), or 'last'. It holds "
+        f"{empty / 'checkpoints' / 'epoch=0-step=5.ckpt'}: pass one of them."
     )
