@@ -7,7 +7,7 @@
 
 Two VAEs with random weights (throughput does not depend on the weights), both with SD's 8x down-sampling
 (4x32x32 latents at 256x256): a tiny one (the test VAE's widths 8-16 on SD's four levels, 0.1M parameters) and the
-SD-VAE architecture (stabilityai/sd-vae-ft-ema: 83.7M parameters). The tests' own VAE down-samples only 2x; at
+SD-VAE architecture (stabilityai/sd-vae-ft-mse: 83.7M parameters). The tests' own VAE down-samples only 2x; at
 256x256 its mid-block self-attention would run over 128x128 = 16k tokens, a cost no real VAE has.
 For each, two rates in images per second, where every image is encoded twice (itself and its horizontal flip, as
 the cache stores both):

@@ -1,6 +1,6 @@
 """``drifting encode-latents``: an image folder (or ImageNet root) -> SD-VAE latent shards for LatentDataModule.
 
-    drifting encode-latents --data data/imagenet/train --vae vae/sd-vae-ft-ema --out data/imagenet_latents
+    drifting encode-latents --data data/imagenet/train --vae vae/sd-vae-ft-mse --out data/imagenet_latents
     torchrun --nproc_per_node 8 -m drifting_lightning encode-latents ...   # one process per GPU
 
 Under torchrun, RANK / WORLD_SIZE / LOCAL_RANK pick the shards and the GPU of each process. The encoding itself

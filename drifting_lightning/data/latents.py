@@ -5,7 +5,7 @@ The paper's latent models train on 32x32x4 latents of ADM-centre-cropped 256x256
 and of its horizontal flip (format: ``latent_shards``); ``LatentDataModule`` streams them memory-mapped with the
 class-aware positive sources of the image DataModules, choosing image or flip at random per draw.
 
-    drifting encode-latents --data data/imagenet/train --vae vae/sd-vae-ft-ema --out data/imagenet_latents
+    drifting encode-latents --data data/imagenet/train --vae vae/sd-vae-ft-mse --out data/imagenet_latents
     torchrun --nproc_per_node 8 -m drifting_lightning encode-latents ...   # one process per GPU
     drifting fit --config configs/imagenet.yaml
 """

@@ -24,9 +24,12 @@ if TYPE_CHECKING:  # diffusers takes seconds to import: only the functions that 
 
 log = logging.getLogger(__name__)
 
-SD_VAE_ID = "stabilityai/sd-vae-ft-ema"
+# The authors decode with sd-vae-ft-mse (PAPER.md 11). Its encoder is the original kl-f8 one, as in ft-ema (its model
+# card: only the decoders were fine-tuned), so the latents are the same whichever of the two encodes.
+SD_VAE_ID = "stabilityai/sd-vae-ft-mse"
+SD_VAE_NAMES = ("sd-vae-ft-mse", "sd-vae-ft-ema")
 SD_SCALE_FACTOR = 0.18215
-# The architecture of stabilityai/sd-vae-ft-ema (83.7M parameters, 8x down-sampling), for random-weight benchmarks.
+# The architecture of stabilityai/sd-vae-ft-mse (83.7M parameters, 8x down-sampling), for random-weight benchmarks.
 SD_VAE_CONFIG = {
     "in_channels": 3,
     "out_channels": 3,
@@ -56,12 +59,15 @@ def as_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 def download_hint(path_or_id: str) -> str:
     """What to run so that ``path_or_id`` resolves: as a local folder and (if it has that shape) as a hub id."""
-    hint = (
-        f"To use {path_or_id!r} as a local folder, download the paper's SD-VAE there once: "
-        f"`hf download {SD_VAE_ID} --local-dir {path_or_id}` (older huggingface_hub: `huggingface-cli download "
-        f"{SD_VAE_ID} --local-dir {path_or_id}`); any folder written by AutoencoderKL.save_pretrained works."
-    )
     parts = path_or_id.strip("/").split("/")
+    # a folder named after one of the two SD-VAE fine-tunes (vae/sd-vae-ft-ema) gets that one, any other the paper's
+    source = f"stabilityai/{parts[-1]}" if parts[-1] in SD_VAE_NAMES else SD_VAE_ID
+    what = "that SD-VAE" if source != SD_VAE_ID else "the paper's SD-VAE"
+    hint = (
+        f"To use {path_or_id!r} as a local folder, download {what} there once: "
+        f"`hf download {source} --local-dir {path_or_id}` (older huggingface_hub: `huggingface-cli download "
+        f"{source} --local-dir {path_or_id}`); any folder written by AutoencoderKL.save_pretrained works."
+    )
     if len(parts) in (2, 3) and not path_or_id.startswith((".", "/", "~")):
         hint += (
             f" To read it as a Hugging Face hub id instead, allow the hub explicitly (allow_hub=True; CLI: "

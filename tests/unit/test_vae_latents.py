@@ -41,9 +41,13 @@ def test_load_vae_local_dtype_and_offline_errors(latent_assets, tmp_path, monkey
     make_tiny_vae(pipeline / "vae")  # a diffusers pipeline folder: the VAE sits in vae/
     assert resolve_vae_dir(str(pipeline)) == pipeline / "vae"
 
-    with pytest.raises(FileNotFoundError, match="hf download stabilityai/sd-vae-ft-ema --local-dir vae/sd-vae") as err:
-        load_vae("vae/sd-vae-ft-ema")
+    with pytest.raises(FileNotFoundError, match="hf download stabilityai/sd-vae-ft-mse --local-dir vae/sd-vae") as err:
+        load_vae("vae/sd-vae-ft-mse")
     assert "allow_hub" in str(err.value)
+    # a folder named after the other fine-tune is offered that one; any other name the paper's (ft-mse)
+    for name, source in [("stabilityai/sd-vae-ft-ema", "sd-vae-ft-ema"), ("vae/mine", "sd-vae-ft-mse")]:
+        with pytest.raises(FileNotFoundError, match=f"`hf download stabilityai/{source} --local-dir {name}`"):
+            load_vae(name)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_vae(str(tmp_path / "empty"))
@@ -58,8 +62,8 @@ def test_load_vae_local_dtype_and_offline_errors(latent_assets, tmp_path, monkey
         return str(latent_assets["vae"])
 
     monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot)
-    assert resolve_vae_dir("stabilityai/sd-vae-ft-ema", allow_hub=True) == latent_assets["vae"]
-    assert calls == [("stabilityai/sd-vae-ft-ema", ["config.json", "diffusion_pytorch_model*.safetensors"])]
+    assert resolve_vae_dir("stabilityai/sd-vae-ft-mse", allow_hub=True) == latent_assets["vae"]
+    assert calls == [("stabilityai/sd-vae-ft-mse", ["config.json", "diffusion_pytorch_model*.safetensors"])]
 
 
 def test_codec_posterior_and_decode(latent_assets):
