@@ -47,6 +47,9 @@ class SmallCNN(nn.Module):
         self.head = nn.Linear(feature_dim, num_classes)
         self.in_channels = in_channels
         self.feature_dim = feature_dim
+        # [C, H, W] of the images it was trained on, when its file records them (any size runs; only that one means
+        # something)
+        self.image_shape: tuple[int, ...] | None = None
 
     def features(self, x: Tensor) -> Tensor:
         return self.body(x)
@@ -55,12 +58,19 @@ class SmallCNN(nn.Module):
         return self.head(self.body(x))
 
 
-def save_classifier(path: str | os.PathLike, net: SmallCNN, hparams: dict, test_accuracy: float | None) -> Path:
-    """Write the classifier file that ``load_classifier`` reads (temporary file + rename, never half-written)."""
+def save_classifier(
+    path: str | os.PathLike, net: SmallCNN, hparams: dict, test_accuracy: float | None,
+    image_shape: tuple[int, ...] | None = None,
+) -> Path:
+    """Write the classifier file that ``load_classifier`` reads (temporary file + rename, never half-written).
+    ``image_shape``: the [C, H, W] of its training images (default: ``net.image_shape``), checked at use."""
     path = Path(path)
     state = {k: v.detach().cpu() for k, v in net.state_dict().items()}  # loadable on a machine without a GPU
     payload = {"format": CHECKPOINT_FORMAT, "hparams": hparams, "state_dict": state}
     payload["test_accuracy"] = test_accuracy
+    image_shape = image_shape or net.image_shape
+    if image_shape is not None:
+        payload["image_shape"] = [int(v) for v in image_shape]
     with atomic_write(path) as tmp:
         torch.save(payload, tmp)
     return path
@@ -84,6 +94,8 @@ def load_classifier(path: str | os.PathLike) -> SmallCNN:
         raise ValueError(f"{path} is neither a classifier file of save_classifier nor a ClassifierTraining checkpoint")
     net = SmallCNN(**{k: hparams[k] for k in ARCH_KEYS})
     net.load_state_dict(state)
+    if ckpt.get("image_shape") is not None:  # files written before it was recorded have none
+        net.image_shape = tuple(int(v) for v in ckpt["image_shape"])
     return net.eval().requires_grad_(False)
 
 
@@ -126,6 +138,7 @@ class ClassifierTraining(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         x, y = flatten_batch(batch)
+        self.net.image_shape = tuple(x.shape[1:])
         logits = self.net(x)
         loss = F.cross_entropy(logits, y)
         self.log("train/loss", loss, prog_bar=True)
@@ -177,6 +190,13 @@ class ClassifierTraining(L.LightningModule):
         if self.trainer.is_global_zero:
             save_classifier(self.export_file, self.net, {k: self.hparams[k] for k in ARCH_KEYS}, self.test_accuracy)
         self._exported = True
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["image_shape"] = None if self.net.image_shape is None else list(self.net.image_shape)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if checkpoint.get("image_shape") is not None:
+            self.net.image_shape = tuple(checkpoint["image_shape"])
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.net.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

@@ -142,11 +142,26 @@ class ClassifierExtractor(nn.Module):
         super().__init__()
         self.net = load_classifier(checkpoint)
         self.num_features = self.net.feature_dim
+        self.checkpoint = checkpoint
 
     def train(self, mode: bool = True) -> ClassifierExtractor:
         return super().train(False)
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
+        trained_on = self.net.image_shape
+        if trained_on is not None and tuple(x.shape[1:]) != trained_on:
+            raise ValueError(
+                f"the classifier {self.checkpoint} was trained on {_shape_words(trained_on)} images, these are "
+                f"{_shape_words(tuple(x.shape[1:]))}: its features would mean nothing. Use a classifier trained on "
+                "this data (`drifting fit --config configs/classifier/fashion_mnist.yaml` with its data section "
+                "changed) or another metric"
+            )
         return self.net.features(x)
+
+
+def _shape_words(shape: tuple[int, ...]) -> str:
+    """[C, H, W] as "28x28, 1 channel"."""
+    c, *size = shape
+    return f"{'x'.join(map(str, size))}, {c} channel{'s' if c != 1 else ''}"
 

@@ -60,8 +60,12 @@ def test_train_log_export_and_extract(tmp_path):
     trainer.save_checkpoint(tmp_path / "lightning.ckpt")  # the Lightning checkpoint loads the same network
     torch.testing.assert_close(load_classifier(tmp_path / "lightning.ckpt").features(x), net.features(x))
 
+    # both files record the training images' shape, and the extractor refuses images of another
+    assert net.image_shape == load_classifier(tmp_path / "lightning.ckpt").image_shape == (1, 8, 8)
     extractor = ClassifierExtractor(str(export))
     assert extractor.metric_name == "fd_classifier" and extractor.num_features == 16
+    with pytest.raises(ValueError, match="trained on 8x8, 1 channel images, these are 16x16, 3 channels"):
+        extractor(torch.zeros(2, 3, 16, 16))
     fd = FrechetDistance(extractor)
     fd.update(x[:50], real=True)
     fd.update(x[50:], real=False)

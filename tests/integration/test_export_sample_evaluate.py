@@ -211,6 +211,13 @@ def test_evaluate_fd_classifier(run, tmp_path, capsys):
     assert evaluate.main([str(samples), "--ref", str(wrong), "--metric", "fd_classifier", "--checkpoint", str(clf),
                           "--device", "cpu"]) == 1  # fmt: skip
     assert "another feature extractor" in capsys.readouterr().err
+    # samples of another size than the classifier's training images: refused, not a meaningless number
+    big = write_adm_npz(tmp_path / "big.npz", torch.randint(0, 256, (60, 16, 16, 1), dtype=torch.uint8))
+    assert evaluate.main([str(big), "--ref", str(stats), "--metric", "fd_classifier", "--checkpoint", str(clf),
+                          "--device", "cpu"]) == 1  # fmt: skip
+    err = capsys.readouterr().err
+    assert f"the classifier {clf} was trained on 8x8, 1 channel images, these are 16x16, 1 channel" in err
+    assert "Traceback" not in err
 
 
 @pytest.mark.slow
