@@ -37,10 +37,11 @@ def tensorboards(trainer: L.Trainer) -> Iterator[Any]:
 
 class PeriodicCallback(L.Callback):
     """Calls ``run(trainer, pl_module, final)`` at every ``every_n_steps``-th optimiser step (``final`` False) and at
-    the end of training, then ``finish``. The end's run happens at the batch end of step ``max_steps`` when the
-    trainer has one (``final`` False): Lightning calls ModelCheckpoint's hooks after the other callbacks', so the
-    checkpoint of that step holds it, and a resumed run keeps it in its history. Otherwise (a run that ends by
-    epochs, or is stopped) it happens in ``on_train_end`` (``final`` True; skipped when that step has just run).
+    the end of training, then ``finish``. The end's run happens at the batch end of training's last batch (step
+    ``max_steps``, or the last batch of epoch ``max_epochs``; ``final`` False): Lightning calls ModelCheckpoint's hooks
+    after the other callbacks', so the checkpoint of that step holds it, and a resumed run keeps it in its history.
+    A run that is stopped early (a signal, ``max_time``, early stopping) has it in ``on_train_end`` (``final`` True;
+    skipped when that step has just run).
 
     ``global_zero_only``: run on global rank 0 only (pictures); otherwise every rank runs (collective metrics) and
     the subclass shares the result. ``last_step()`` is the step of the latest run (subclasses that keep a history in
@@ -74,7 +75,7 @@ class PeriodicCallback(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
-        due = (step > 0 and step % self.every_n_steps == 0) or 0 < trainer.max_steps <= step
+        due = (step > 0 and step % self.every_n_steps == 0) or _ends_training(trainer)
         if self.runs_here(trainer) and due and step != self.last_step():
             self.run(trainer, pl_module, final=False)
             self._last_step = step
@@ -86,6 +87,15 @@ class PeriodicCallback(L.Callback):
             self.run(trainer, pl_module, final=True)
             self._last_step = trainer.global_step
         self.finish(trainer, pl_module)
+
+
+def _ends_training(trainer: L.Trainer) -> bool:
+    """Whether the batch that just ended is training's last: it reached ``max_steps``, or it is the last batch of
+    the last epoch (``max_epochs``)."""
+    if 0 < trainer.max_steps <= trainer.global_step:
+        return True
+    last_epoch = trainer.max_epochs is not None and 0 <= trainer.max_epochs - 1 <= trainer.current_epoch
+    return last_epoch and trainer.is_last_batch
 
 
 class MetricCallback(PeriodicCallback):

@@ -123,17 +123,20 @@ def test_needs_a_datamodule(tmp_path):
         trainer.fit(FakeModule(), train_dataloaders=loader)
 
 
-def test_the_metric_at_the_last_step_is_in_its_checkpoint_and_survives_a_resume(tmp_path):
+@pytest.mark.parametrize("ends_by", ["steps", "epochs"])
+def test_the_metric_at_the_last_step_is_in_its_checkpoint_and_survives_a_resume(tmp_path, ends_by):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    def fit(max_steps, ckpt_path=None):
+    def fit(steps, ckpt_path=None):  # epochs of one step each, when training ends by epochs
         metric = SampleMetricCallback(every_n_steps=2, num_samples=100)
+        length = {"max_steps": steps} if ends_by == "steps" else {"max_epochs": steps, "max_steps": -1}
         trainer = L.Trainer(
-            max_steps=max_steps, accelerator="cpu", logger=False, default_root_dir=tmp_path,
+            **length, accelerator="cpu", logger=False, default_root_dir=tmp_path,
             enable_progress_bar=False, enable_model_summary=False,
             callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True), metric],
         )
-        dm = ToyDataModule("checkerboard", positives_per_step=32, steps_per_epoch=10)
+        steps_per_epoch = 10 if ends_by == "steps" else 1
+        dm = ToyDataModule("checkerboard", positives_per_step=32, steps_per_epoch=steps_per_epoch)
         trainer.fit(FakeModule(), datamodule=dm, ckpt_path=ckpt_path)
         return metric
 

@@ -40,7 +40,7 @@ class Recorder(PeriodicCallback):
 
 def train(callback: PeriodicCallback, steps: int, rank: int = 0, max_steps: int = -1) -> None:
     trainer = SimpleNamespace(global_step=0, is_global_zero=rank == 0, log_dir="run", default_root_dir="root",
-                              max_steps=max_steps)
+                              max_steps=max_steps, max_epochs=None, current_epoch=0, is_last_batch=False)
     callback.on_fit_start(trainer, None)
     for step in range(1, steps + 1):
         trainer.global_step = step
