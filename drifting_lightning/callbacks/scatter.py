@@ -22,15 +22,18 @@ def first_two_coords(x: Tensor) -> Tensor:
     return x[:, :2]
 
 
-def scatter_figure(generated: Tensor, target: Tensor, title: str = "") -> Figure:
-    """Generated points (orange) over target points (blue), both [n, 2]; the axes fit the target only,
-    so the frame stays the same from plot to plot. Drawn on the Agg canvas: no display is needed."""
-    lo, hi = target.min(0).values, target.max(0).values
+def scatter_figure(generated: Tensor, target: Tensor | None, title: str = "") -> Figure:
+    """Generated points (orange) over target points (blue), both [n, 2]; the axes fit the target only, so the
+    frame stays the same from plot to plot (the generated points without a target). Drawn on the Agg canvas: no
+    display is needed."""
+    frame = generated if target is None else target
+    lo, hi = frame.min(0).values, frame.max(0).values
     pad = 0.1 * (hi - lo).clamp_min(1e-3)
     fig = Figure(figsize=(5, 5), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    ax.scatter(target[:, 0], target[:, 1], s=3, alpha=0.5, c="tab:blue", label="target", linewidths=0)
+    if target is not None:
+        ax.scatter(target[:, 0], target[:, 1], s=3, alpha=0.5, c="tab:blue", label="target", linewidths=0)
     ax.scatter(generated[:, 0], generated[:, 1], s=3, alpha=0.5, c="tab:orange", label="generated", linewidths=0)
     ax.set_xlim(float(lo[0] - pad[0]), float(hi[0] + pad[0]))
     ax.set_ylim(float(lo[1] - pad[1]), float(hi[1] + pad[1]))

@@ -1,6 +1,9 @@
 """``drifting sample``: class-balanced one-step samples of a trained generator as an ADM .npz (+ PNGs).
 
     drifting sample --ckpt runs/imagenet/version_0/checkpoints/last.ckpt --num 50000 --alpha 1.0 --out samples.npz
+    drifting sample --ckpt runs/checkerboard/version_0 --num 5000 --out points.npz --plot points.png   # vectors
+
+Vector models (toy and vector data) write their samples as float32 [N, D] in the same layout (arr_0, arr_1).
 
 Single device: one process samples everything (one network evaluation per sample, so 50k ImageNet samples take
 minutes on one GPU). For several GPUs, run one process per GPU with different --seed and merge the .npz files.
@@ -17,15 +20,16 @@ import torch
 from torch import Tensor
 
 from drifting_lightning.commands import resolve_device, run_command
-from drifting_lightning.metrics.npz import to_uint8, write_adm_npz
+from drifting_lightning.metrics.npz import to_uint8, write_adm_npz, write_vector_npz
 from drifting_lightning.sampling.labels import balanced_labels
 
-# (n, labels [n] or None, torch.Generator) -> images [n, C, H, W] in [-1, 1]
+# (n, labels [n] or None, torch.Generator) -> images [n, C, H, W] in [-1, 1], or vectors [n, D]
 SampleFn = Callable[[int, Tensor | None, torch.Generator], Tensor]
+PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg")
 
 
 @torch.no_grad()
-def sample_images(
+def draw_samples(
     sample_fn: SampleFn,
     num: int,
     num_classes: int,
@@ -34,33 +38,49 @@ def sample_images(
     device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """``num`` samples in batches -> (uint8 images [num, H, W, C], labels [num] or None).
+    """``num`` samples in batches -> (samples, labels [num] or None): images [C, H, W] as uint8 [num, H, W, C],
+    quantised with ``to_uint8`` (the DiT rule, as an ADM .npz holds them); vectors [D] (toy and vector data) as
+    float32 [num, D].
 
     Noise comes from one ``torch.Generator(device)`` seeded with ``seed`` and consumed batch after batch, so the
-    output is reproducible for a given seed, batch size and device. Quantised with ``to_uint8`` (the DiT rule).
+    output is reproducible for a given seed, batch size and device.
     """
     from tqdm.auto import tqdm
 
     labels = balanced_labels(num, num_classes)
     noise = torch.Generator(device=device).manual_seed(seed)
-    images: np.ndarray | None = None
-    with tqdm(total=num, unit="img", desc="sampling", disable=not progress) as bar:
+    samples: np.ndarray | None = None
+    with tqdm(total=num, unit="sample", desc="sampling", disable=not progress) as bar:
         for start in range(0, num, batch_size):
             n = min(batch_size, num - start)
             batch_labels = None if labels is None else labels[start : start + n].to(device)
-            x = sample_fn(n, batch_labels, noise)
-            if x.dim() != 4 or x.shape[1] not in (1, 3):
-                raise ValueError(
-                    f"the generator makes samples of shape {list(x.shape[1:])}; an ADM .npz needs images [C, H, W] "
-                    "with C = 1 or 3 (a latent model's samples need its decoder: sample from the run's checkpoint, or "
-                    "pass --vae for an export folder)"
-                )
-            q = to_uint8(x).cpu().numpy()
-            if images is None:
-                images = np.empty((num, *q.shape[1:]), dtype=np.uint8)  # preallocated: no 2x peak at the end
-            images[start : start + n] = q
+            q = _as_stored(sample_fn(n, batch_labels, noise))
+            if samples is None:
+                samples = np.empty((num, *q.shape[1:]), dtype=q.dtype)  # preallocated: no 2x peak at the end
+            samples[start : start + n] = q
             bar.update(n)
-    return images, None if labels is None else labels.numpy()
+    return samples, None if labels is None else labels.numpy()
+
+
+def _as_stored(x: Tensor) -> np.ndarray:
+    """A batch of samples as the .npz stores them: images as uint8 [n, H, W, C], vectors as float32 [n, D]."""
+    if sample_kind(x) == "vectors":
+        return x.float().cpu().numpy()
+    return to_uint8(x).cpu().numpy()
+
+
+def sample_kind(x: Tensor) -> str:
+    """"images" for [n, C, H, W] with C = 1 or 3, "vectors" for [n, D]; else a ValueError saying what can be
+    sampled."""
+    if x.dim() == 2:
+        return "vectors"
+    if x.dim() == 4 and x.shape[1] in (1, 3):
+        return "images"
+    raise ValueError(
+        f"the generator makes samples of shape {list(x.shape[1:])}: neither images [C, H, W] with C = 1 or 3 nor "
+        "vectors [D] (a latent model's samples need its decoder: sample from the run's checkpoint, or pass --vae "
+        "for an export folder)"
+    )
 
 
 def sampler_from(
@@ -119,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="drifting sample",
         description="Class-balanced one-step sampling (EMA weights) into an ADM-evaluator .npz: arr_0 uint8 "
-        "[N, H, W, C], arr_1 labels. Single device; run several processes with different --seed for more GPUs.",
+        "[N, H, W, C], arr_1 labels; for vector models (toy data) arr_0 float32 [N, D]. Single device; run several "
+        "processes with different --seed for more GPUs.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--ckpt", required=True,
@@ -133,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vae", help="export folders of latent generators: the VAE that decodes their samples, a "
                         "local diffusers folder (or a hub id with --allow-hub), e.g. stabilityai/sd-vae-ft-mse")
     parser.add_argument("--allow-hub", action="store_true", help="let --vae name a Hugging Face hub id (downloads)")
-    parser.add_argument("--png-dir", help="also write every sample as a PNG into this folder")
+    parser.add_argument("--png-dir", help="images: also write every sample as a PNG into this folder")
+    parser.add_argument("--plot", help="vectors (toy data): also draw the samples' first two coordinates into this "
+                        "picture file (.png, .pdf, .svg)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (same seed + batch size = same samples)")
     parser.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, ...")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -152,16 +175,46 @@ def _run(args: argparse.Namespace) -> int:
     for flag, folder in (("--png-dir", args.png_dir), ("--out", Path(args.out).parent)):
         if folder and Path(folder).exists() and not Path(folder).is_dir():
             raise NotADirectoryError(f"{flag}: {folder} is a file, not a folder")
+    if args.plot and Path(args.plot).suffix.lower() not in PLOT_SUFFIXES:
+        raise ValueError(f"--plot {args.plot}: name a picture file ({', '.join(PLOT_SUFFIXES)})")
     device = resolve_device(args.device)
     sample_fn, num_classes = sampler_from(args.ckpt, args.config, args.alpha, device, args.vae, args.allow_hub)
-    images, labels = sample_images(
+    # one sample first (its own noise): what the model makes decides which outputs apply, before the long part
+    probe_labels = balanced_labels(1, num_classes)
+    kind = sample_kind(sample_fn(1, None if probe_labels is None else probe_labels.to(device),
+                                 torch.Generator(device=device).manual_seed(args.seed)))  # fmt: skip
+    if kind == "vectors" and args.png_dir:
+        raise ValueError(
+            "--png-dir: this model makes vectors, not images; --plot FILE.png draws them as a scatter plot"
+        )
+    if kind == "images" and args.plot:
+        raise ValueError("--plot: this model makes images; --png-dir DIR writes them as PNGs")
+    samples, labels = draw_samples(
         sample_fn, args.num, num_classes, args.batch_size, args.seed, device, progress=not args.no_progress
     )
-    path = write_adm_npz(args.out, images, labels)
-    if args.png_dir:
-        write_pngs(images, args.png_dir)
-    print(f"wrote {len(images)} samples {list(images.shape[1:])} (alpha {args.alpha}, {num_classes} classes) to {path}")
+    if kind == "images":
+        path = write_adm_npz(args.out, samples, labels)
+        if args.png_dir:
+            write_pngs(samples, args.png_dir)
+    else:
+        path = write_vector_npz(args.out, samples, labels)
+        if args.plot:
+            plot_vectors(samples, args.plot, title=f"{len(samples)} samples of {args.ckpt}")
+    plotted = f"; the plot to {args.plot}" if kind == "vectors" and args.plot else ""
+    shape = list(samples.shape[1:])
+    print(f"wrote {len(samples)} samples {shape} (alpha {args.alpha}, {num_classes} classes) to {path}{plotted}")
     return 0
+
+
+def plot_vectors(samples: np.ndarray, path: str, title: str = "") -> None:
+    """The first two coordinates of vector samples [N, D] as a scatter plot (a PNG or another picture format)."""
+    from drifting_lightning.callbacks.scatter import first_two_coords, scatter_figure
+    from drifting_lightning.files import atomic_write
+
+    fig = scatter_figure(first_two_coords(torch.from_numpy(samples)), None, title=title)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(Path(path)) as tmp, open(tmp, "wb") as f:
+        fig.savefig(f, format=Path(path).suffix.lstrip(".").lower())
 
 
 def main(argv: Sequence[str]) -> int:

@@ -76,11 +76,26 @@ def write_adm_npz(
             f"expected uint8 images [N, H, W, C] with C in (1, 3), got {images.dtype} {list(images.shape)}; "
             "convert samples in [-1, 1] with to_uint8(x)"
         )
-    arrays = {"arr_0": images}
+    return _write_samples(path, images, labels)
+
+
+def write_vector_npz(
+    path: str | os.PathLike, vectors: Tensor | np.ndarray, labels: Tensor | np.ndarray | None = None
+) -> Path:
+    """Write samples of vector data (toy, actions) in the same layout: ``arr_0`` = float32 [N, D] (+ ``arr_1``)."""
+    vectors = vectors.cpu().numpy() if isinstance(vectors, Tensor) else np.asarray(vectors)
+    if vectors.ndim != 2:
+        raise ValueError(f"expected vectors [N, D], got {list(vectors.shape)}")
+    return _write_samples(path, vectors.astype(np.float32, copy=False), labels)
+
+
+def _write_samples(path: str | os.PathLike, samples: np.ndarray, labels: Tensor | np.ndarray | None) -> Path:
+    """``arr_0`` = samples (+ ``arr_1`` = labels [N]), written to a temporary file beside ``path`` and renamed."""
+    arrays = {"arr_0": samples}
     if labels is not None:
         labels = labels.cpu().numpy() if isinstance(labels, Tensor) else np.asarray(labels)
-        if labels.shape != (images.shape[0],):
-            raise ValueError(f"labels must be [{images.shape[0]}] to match the images, got {list(labels.shape)}")
+        if labels.shape != (samples.shape[0],):
+            raise ValueError(f"labels must be [{samples.shape[0]}] to match the samples, got {list(labels.shape)}")
         arrays["arr_1"] = labels
     path = Path(path)
     with atomic_write(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez appends .npz to other names

@@ -153,8 +153,12 @@ def test_load_module_export_and_sample_from_checkpoint(run, tmp_path, capsys):
     with np.load(from_folder) as f:
         np.testing.assert_array_equal(f["arr_0"], images)
 
+    # --plot is for vector models: refused for images before sampling
+    assert sample.main(["--ckpt", str(run["ckpt"]), "--out", str(tmp_path / "c.npz"), "--plot", "p.png", *args]) == 1
+    assert "--plot: this model makes images; --png-dir DIR writes them as PNGs" in capsys.readouterr().err
+    assert not (tmp_path / "c.npz").exists()
+
     # export and load_module take the run folder too: its newest last.ckpt
-    capsys.readouterr()
     assert export.main(["--ckpt", str(run["folder"]), "--out", str(tmp_path / "export_of_folder")]) == 0
     assert f"--ckpt is a run folder: exporting from {run['ckpt']}" in capsys.readouterr().err
     assert torch.equal(draw(load_generator(tmp_path / "export_of_folder")), draw(module.ema_generator))
