@@ -31,7 +31,7 @@ from drifting_lightning.checkpoints.atomic_io import AtomicCheckpointIO
 from drifting_lightning.checkpoints.resume import resolve_ckpt_path, resolve_last_checkpoint
 from drifting_lightning.commands import UsageError
 from drifting_lightning.commands.config_errors import argparse_error, instantiation_error, null_argument, parse_error
-from drifting_lightning.commands.run_folder import RunConfigCallback, remove_failed_start
+from drifting_lightning.commands.run_folder import RunConfigCallback, remove_failed_start, run_folder_entries
 
 RESILIENCE_HELP = (
     "Make the run resumable, as every `drifting fit` is unless this is false: a ModelCheckpoint keeps last.ckpt "
@@ -159,7 +159,7 @@ class DriftingCLI(LightningCLI):
         # what it added to a folder that was there.
         trainer = self.trainer
         folder = Path(trainer.log_dir or trainer.default_root_dir) if trainer.is_global_zero else None
-        existing = set(folder.rglob("*")) if folder is not None and folder.exists() else None
+        existing = run_folder_entries(folder) if folder is not None and folder.exists() else None
         new_parents = [p for p in folder.parents if not p.exists()] if folder is not None else []  # nearest first
         try:
             super()._run_subcommand(subcommand)

@@ -19,6 +19,9 @@ from pathlib import Path
 import lightning.pytorch as pl
 from lightning.pytorch.cli import SaveConfigCallback
 
+# What a run writes into its folder before its first step: its config, the logger's hyper-parameters and events.
+RUN_FILES = ("config.yaml", "config.resume-*.yaml", "hparams.yaml", "events.out.tfevents.*")
+
 
 class RunConfigCallback(SaveConfigCallback):
     """LightningCLI's SaveConfigCallback, with the folder rules above."""
@@ -57,15 +60,26 @@ def _decide(trainer: pl.Trainer, log_dir: Path, filename: str, resumed: bool) ->
     )
 
 
+def run_folder_entries(folder: Path) -> set[Path]:
+    """The paths at most two levels below ``folder``: what ``fit`` lists before it starts, so that a failed start can
+    remove what it added. A start writes only there (config files, the event file and hparams.yaml at the top;
+    checkpoints/ below), and a full walk would be slow where the folder holds far more: without a logger it is
+    ``default_root_dir``, by default the working directory (a full walk of this repository, 55k files with its
+    virtual environment, took 1.2 s)."""
+    top = list(folder.iterdir())
+    return {*top, *(sub for path in top if path.is_dir() and not path.is_symlink() for sub in path.iterdir())}
+
+
 def remove_failed_start(
     trainer: pl.Trainer, folder: Path, existing: set[Path] | None = None, new_parents: Sequence[Path] = ()
 ) -> None:
     """When the run ended before its first step (and before a resume restored one): remove ``folder`` if this run
     created it (``existing`` None) and it holds no checkpoint, with those of ``new_parents`` (the folders above it
-    that this run created, nearest first) that are then empty; else the files in it that are not in ``existing``
-    (the folder's files before the run). Nothing they hold is worth keeping: a refused resume would otherwise leave
-    a config.resume-k.yaml of a run that never ran, and empty folders make ``--ckpt_path last`` and TensorBoard
-    harder to read. A run that got further keeps everything."""
+    that this run created, nearest first) that are then empty; else the files of a run (``RUN_FILES``) and the empty
+    folders in it that are not in ``existing`` (``run_folder_entries`` before the run; nothing deeper, and no file of
+    another kind, is touched: the folder may be the working directory). Nothing they hold is worth keeping: a
+    refused resume would otherwise leave a config.resume-k.yaml of a run that never ran, and empty folders make
+    ``--ckpt_path last`` and TensorBoard harder to read. A run that got further keeps everything."""
     if trainer.global_step > 0 or not folder.is_dir():
         return
     if existing is None:
@@ -75,10 +89,10 @@ def remove_failed_start(
                 with contextlib.suppress(OSError):  # not empty: another run wrote into it meanwhile
                     parent.rmdir()
         return
-    for path in sorted(folder.rglob("*"), reverse=True):  # files before their folders
+    for path in sorted(run_folder_entries(folder), reverse=True):  # files before their folders
         if path in existing:
             continue
         if path.is_dir() and not any(path.iterdir()):
             path.rmdir()
-        elif path.is_file() and path.suffix != ".ckpt":
+        elif path.is_file() and any(path.match(pattern) for pattern in RUN_FILES):
             path.unlink(missing_ok=True)
