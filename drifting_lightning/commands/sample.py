@@ -172,7 +172,8 @@ def _run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(
             f"--ckpt {args.ckpt} does not exist (drifting fit writes runs/<name>/version_<k>/checkpoints/*.ckpt)"
         )
-    for flag, folder in (("--png-dir", args.png_dir), ("--out", Path(args.out).parent)):
+    plot_folder = Path(args.plot).parent if args.plot else None
+    for flag, folder in (("--png-dir", args.png_dir), ("--out", Path(args.out).parent), ("--plot", plot_folder)):
         if folder and Path(folder).exists() and not Path(folder).is_dir():
             raise NotADirectoryError(f"{flag}: {folder} is a file, not a folder")
     if args.plot and Path(args.plot).suffix.lower() not in PLOT_SUFFIXES:

@@ -13,6 +13,8 @@ from drifting_lightning.commands import sample
     (["--device", "foo"], "error: --device foo: not a device; use auto, cpu, cuda, cuda:1, mps, ..."),
     (["--png-dir", "{file}"], "error: --png-dir: {file} is a file, not a folder"),
     (["--out", "{file}/samples.npz"], "error: --out: {file} is a file, not a folder"),
+    (["--plot", "{file}/points.png"], "error: --plot: {file} is a file, not a folder"),
+    (["--plot", "points.txt"], "error: --plot points.txt: name a picture file (.png, .pdf, .svg, .jpg)"),
 ])  # fmt: skip
 def test_a_bad_device_or_output_path_is_named_before_sampling(tmp_path: Path, capsys, args, expected):
     ckpt = tmp_path / "last.ckpt"
