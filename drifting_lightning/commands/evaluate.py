@@ -1,8 +1,10 @@
-"""``drifting evaluate``: Frechet distance (+ Inception Score, precision/recall) of an ADM .npz of samples.
+"""``drifting evaluate``: Frechet distance (+ Inception Score, precision/recall) of an ADM .npz of samples; the
+energy distance of vector samples (toy and vector data).
 
     drifting evaluate samples.npz --ref VIRTUAL_imagenet256_labeled.npz --metric fid
     drifting evaluate samples.npz --data-config configs/fashion_mnist.yaml --metric fd_classifier \
         --checkpoint runs/classifier/fashion_mnist/classifier.pt --out metrics.json
+    drifting evaluate points.npz --data-config configs/toy/checkerboard.yaml   # vectors: energy_distance
 
 Real and generated images take the same path: uint8 (the DiT rule, ``to_uint8``) -> [-1, 1] -> feature extractor.
 """
@@ -25,6 +27,7 @@ from drifting_lightning.metrics.frechet import FeatureMoments
 from drifting_lightning.metrics.npz import from_uint8, open_npz, to_uint8
 
 IS_SPLITS = 10
+VECTOR_METRICS = ("energy_distance", "energy")  # the metric of vector samples, and its short name
 
 
 def read_images(path: str, what: str) -> np.ndarray:
@@ -92,6 +95,17 @@ def reference_images(args: argparse.Namespace, num_samples: int) -> tuple[np.nda
         if stats is None and images is None:
             raise KeyError(f"--ref {args.ref} holds neither mu/sigma nor arr_0 images (it has {sorted(f.files)})")
         return images, stats, args.ref
+    x, desc = data_samples(args, num_samples)
+    if x.dim() != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(
+            f"the real samples of {args.data_config} have shape {list(x.shape[1:])}, not images [C, H, W] with C = 1 "
+            "or 3 (latent data?): give --ref with reference images or statistics instead"
+        )
+    return to_uint8(x).numpy(), None, desc
+
+
+def data_samples(args: argparse.Namespace, num_samples: int) -> tuple[Tensor, str]:
+    """(real samples of --data-config's data, as many as ``num_samples`` or --num-ref, description)."""
     import lightning.pytorch as pl
 
     from drifting_lightning.checkpoints.loading import instantiate_section
@@ -100,12 +114,7 @@ def reference_images(args: argparse.Namespace, num_samples: int) -> tuple[np.nda
     if not hasattr(dm, "real_samples"):
         raise ValueError(f"the data of {args.data_config} ({type(dm).__name__}) has no real_samples(n, split, seed)")
     x = dm.real_samples(args.num_ref or num_samples, split=args.split, seed=args.seed)[0]
-    if x.dim() != 4 or x.shape[1] not in (1, 3):
-        raise ValueError(
-            f"the real samples of {args.data_config} have shape {list(x.shape[1:])}, not images [C, H, W] with C = 1 "
-            "or 3 (latent data?): give --ref with reference images or statistics instead"
-        )
-    return to_uint8(x).numpy(), None, f"{args.data_config} ({type(dm).__name__}, split {args.split})"
+    return x, f"{args.data_config} ({type(dm).__name__}, split {args.split})"
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
@@ -116,12 +125,23 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from drifting_lightning.metrics.precision_recall import precision_recall
 
     fake_images = read_images(args.samples, "samples")
-    kind = metric_kind(args.metric)
+    vectors = fake_images.ndim == 2
+    metric = args.metric or ("energy_distance" if vectors else "fid")
+    if metric in VECTOR_METRICS or vectors:
+        if not (metric in VECTOR_METRICS and vectors):
+            raise ValueError(
+                f"{args.samples} holds vectors {list(fake_images.shape[1:])} (a toy or vector model): their metric is "
+                "--metric energy_distance, the default for them" if vectors else
+                f"--metric {metric} is for vector samples [N, D]; {args.samples} holds images "
+                f"{list(fake_images.shape[1:])}: use fid, fd_inception, fd_classifier or fd_encoder"
+            )
+        return evaluate_vectors(args, fake_images)
+    kind = metric_kind(metric)
     device = resolve_device(args.device)
     encoder = encoder_for(args.checkpoint) if kind == "encoder" and args.checkpoint else None
     if kind == "encoder" and encoder is None:
         raise ValueError("--metric fd_encoder needs --checkpoint: an MAEPretraining or `drifting fit` checkpoint")
-    extractor = make_extractor(args.metric, args.checkpoint, args.weights, encoder, args.feature_key)
+    extractor = make_extractor(metric, args.checkpoint, args.weights, encoder, args.feature_key)
     extractor = extractor.eval().to(device)
     name = extractor.metric_name
     real_images, stats, ref_desc = reference_images(args, len(fake_images))
@@ -165,6 +185,32 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def evaluate_vectors(args: argparse.Namespace, samples: np.ndarray) -> dict[str, Any]:
+    """The energy distance (V-statistic, ``metrics.energy``) of vector samples [N, D] to reference points: --ref's
+    ``arr_0`` [M, D], or the real samples of --data-config's data (as many as samples, or --num-ref)."""
+    from drifting_lightning.metrics.energy import energy_distance
+
+    if args.ref:
+        if not Path(args.ref).is_file():
+            raise FileNotFoundError(f"--ref {args.ref} does not exist (an .npz of reference points, arr_0 [M, D])")
+        with open_npz(args.ref, "--ref") as f:
+            if "arr_0" not in f.files:
+                raise KeyError(f"--ref {args.ref} has no 'arr_0' points (it has {sorted(f.files)})")
+            real, ref_desc = torch.from_numpy(f["arr_0"]), args.ref
+    else:
+        real, ref_desc = data_samples(args, len(samples))
+    if real.dim() != 2 or real.shape[1] != samples.shape[1]:
+        raise ValueError(f"reference points are {list(real.shape[1:])}, samples {list(samples.shape[1:])}")
+    return {
+        "metric": "energy_distance",
+        "energy_distance": energy_distance(torch.from_numpy(samples), real),
+        "samples": str(args.samples),
+        "num_samples": len(samples),
+        "reference": ref_desc,
+        "num_reference": len(real),
+    }
+
+
 def _path_or_none(path: object) -> str | None:
     """A path for the JSON record; None stays null (str() would make it the string 'None')."""
     return None if path is None else str(path)
@@ -175,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="drifting evaluate",
         description="Frechet distance of a sample .npz (arr_0 uint8 [N, H, W, C]) against reference statistics or "
         "real data, named by its feature space: fid (Inception 2015-12-05 weights), fd_inception (other Inception "
-        "weights), fd_classifier, fd_encoder. Also the Inception Score (Inception) and precision/recall.",
+        "weights), fd_classifier, fd_encoder. Also the Inception Score (Inception) and precision/recall. Vector "
+        "samples (arr_0 float [N, D], toy data): the energy distance to the reference points.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("samples", help="samples .npz written by `drifting sample` (or any ADM sample batch)")
@@ -187,8 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="order of the real images drawn with --data-config")
     parser.add_argument(
         "--metric",
-        default="fid",
-        help="fid | fd_inception | fd_classifier | fd_encoder (or inception, classifier, encoder)",
+        help="images: fid (default) | fd_inception | fd_classifier | fd_encoder (or inception, classifier, encoder); "
+        "vectors: energy_distance (default)",
     )
     parser.add_argument(
         "--weights", help="Inception weights file (default: $DRIFTING_INCEPTION_WEIGHTS or torch cache)"
@@ -206,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     result = evaluate(args)
     name = result["metric"]
-    print(f"{name}: {result[name]:.4f}")
+    print(f"{name}: {result[name]:.6g}" if name == "energy_distance" else f"{name}: {result[name]:.4f}")
     if result["metric"] in ("fid", "fd_inception") and "inception_score" not in result:
         print(f"inception_score: not computed (needs at least {IS_SPLITS} samples)")
     if "inception_score" in result:

@@ -1,6 +1,7 @@
-"""`drifting sample` of a vector model (toy data): float32 [N, D] in the .npz, a scatter plot, and flags that do not
-apply refused before sampling."""
+"""`drifting sample` of a vector model (toy data): float32 [N, D] in the .npz, a scatter plot, flags that do not
+apply refused before sampling; `drifting evaluate` of such samples: the energy distance."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +9,10 @@ import pytest
 import torch
 
 from drifting_lightning.checkpoints.loading import load_module
-from drifting_lightning.commands import export, sample
+from drifting_lightning.commands import evaluate, export, sample
+from drifting_lightning.data.toy import ToyDataModule
+from drifting_lightning.metrics.energy import energy_distance
+from drifting_lightning.metrics.npz import write_adm_npz, write_vector_npz
 from tests.integration.cli_helpers import REPO, run_drifting
 
 TOY = str(REPO / "configs" / "toy" / "checkerboard.yaml")
@@ -57,3 +61,28 @@ def test_flags_that_do_not_fit_the_samples_are_refused_before_sampling(toy_run, 
     assert sample.main([*base, "--plot", str(tmp_path / "x.txt")]) == 1
     assert f"--plot {tmp_path / 'x.txt'}: name a picture file" in capsys.readouterr().err
     assert not npz.exists() and not (tmp_path / "png").exists()
+
+
+def test_evaluate_gives_vector_samples_their_energy_distance(toy_run, tmp_path, capsys):
+    npz = tmp_path / "points.npz"
+    assert sample.main(["--ckpt", str(toy_run), "--out", str(npz), "--num", "200", "--no-progress"]) == 0
+    out = tmp_path / "metrics.json"
+    assert evaluate.main([str(npz), "--data-config", str(toy_run / "config.yaml"), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["metric"] == "energy_distance" and result["num_samples"] == result["num_reference"] == 200
+    with np.load(npz) as f:
+        points = torch.from_numpy(f["arr_0"])
+    real = ToyDataModule("checkerboard").real_samples(200, split="train", seed=0)[0]
+    assert result["energy_distance"] == pytest.approx(energy_distance(points, real), rel=1e-12)
+    assert f"energy_distance: {result['energy_distance']:.6g}" in capsys.readouterr().out
+
+    ref = write_vector_npz(tmp_path / "ref.npz", real)  # the same points as a reference file
+    assert evaluate.main([str(npz), "--ref", str(ref), "--metric", "energy", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["energy_distance"] == pytest.approx(result["energy_distance"], rel=1e-12)
+
+    assert evaluate.main([str(npz), "--ref", str(ref), "--metric", "fid"]) == 1
+    assert "holds vectors [2] (a toy or vector model): their metric is --metric energy_distance" in (
+        capsys.readouterr().err)
+    images = write_adm_npz(tmp_path / "images.npz", torch.zeros(4, 8, 8, 1, dtype=torch.uint8))
+    assert evaluate.main([str(images), "--ref", str(ref), "--metric", "energy_distance"]) == 1
+    assert "--metric energy_distance is for vector samples [N, D]" in capsys.readouterr().err
