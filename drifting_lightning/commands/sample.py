@@ -3,7 +3,10 @@
     drifting sample --ckpt runs/imagenet/version_0/checkpoints/last.ckpt --num 50000 --alpha 1.0 --out samples.npz
     drifting sample --ckpt runs/checkerboard/version_0 --num 5000 --out points.npz --plot points.png   # vectors
 
-Vector models (toy and vector data) write their samples as float32 [N, D] in the same layout (arr_0, arr_1).
+Vector models (toy and vector data) write their samples as float32 [N, D] in the same layout (arr_0, arr_1), in the
+units the model was trained in: a ``VectorDataModule`` with ``standardize`` (its default) trains in standardised units,
+which its ``unstandardize`` maps back to the file's (``drifting evaluate`` compares them with its real samples, also
+standardised).
 
 Single device: one process samples everything (one network evaluation per sample, so 50k ImageNet samples take
 minutes on one GPU). For several GPUs, run one process per GPU with different --seed and merge the .npz files.
@@ -139,8 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="drifting sample",
         description="Class-balanced one-step sampling (EMA weights) into an ADM-evaluator .npz: arr_0 uint8 "
-        "[N, H, W, C], arr_1 labels; for vector models (toy data) arr_0 float32 [N, D]. Single device; run several "
-        "processes with different --seed for more GPUs.",
+        "[N, H, W, C], arr_1 labels; for vector models (toy data) arr_0 float32 [N, D], in the units the model was "
+        "trained in (standardised for VectorDataModule by default). Single device; run several processes with "
+        "different --seed for more GPUs.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--ckpt", required=True,
