@@ -259,7 +259,9 @@ def read_weights(path: PathLike, what: str = "weights file") -> Mapping[str, Any
         obj = _load_weights_only(path, what)
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{what} {path} holds a {type(obj).__name__}, expected a dict of tensors")
-    check_finite(obj, path)
+    # A Lightning checkpoint's weights are its state_dict; the rest is training state, where an Inf is no damage
+    # (a ModelCheckpoint without a monitor stores kth_value = inf).
+    check_finite(obj["state_dict"] if isinstance(obj.get("state_dict"), Mapping) else obj, path)
     return obj
 
 
