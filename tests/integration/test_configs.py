@@ -3,6 +3,7 @@ dedicated test named in COVERED_ELSEWHERE)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -25,8 +26,9 @@ RUNS: dict[str, list[str]] = {
     **{c: TOY_TINY for c in CONFIGS if c.startswith("configs/toy/")},
     "configs/digits.yaml": ["--model.init_args.generated_per_group", "4", *TINY_POSITIVES,
                             "--data.init_args.positives.init_args.unconditional_per_class", "2"],
-    "configs/mae/digits.yaml": ["--model.init_args.arch.width", "8", *TINY_POSITIVES],
-    # Its ModelCheckpoint writes to a fixed dirpath under runs/ (fashion_mnist_mae.yaml reads it): redirect it.
+    # Their ModelCheckpoint writes to a fixed dirpath under runs/ (where encoders read it): redirect it.
+    "configs/mae/digits.yaml": ["--model.init_args.arch.width", "8", *TINY_POSITIVES,
+                                "--trainer.callbacks", CHECKPOINT_IN_TMP],
     "configs/mae/fashion_mnist.yaml": ["--model.init_args.arch.width", "8", "--data.init_args.root", "{tmp}",
                                        *TINY_POSITIVES, "--trainer.callbacks", CHECKPOINT_IN_TMP],
 }
@@ -60,6 +62,17 @@ def test_config_parses_and_print_config_round_trips(config: str, tmp_path: Path)
     second = run_drifting("fit", "--config", str(saved), "--print_config")
     assert second.returncode == 0, second.stderr[-3000:]
     assert yaml.safe_load(first.stdout) == yaml.safe_load(second.stdout)
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c.startswith("configs/mae/")])
+def test_mae_configs_write_their_checkpoint_where_their_header_says(config: str):
+    text = (REPO / config).read_text()
+    trainer = yaml.safe_load(text)["trainer"]
+    keepers = [c for c in trainer["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
+    dirpaths = [c["init_args"].get("dirpath") for c in keepers]
+    assert dirpaths == [f"{trainer['default_root_dir']}/checkpoints"]
+    named = set(re.findall(r"runs/\S+\.ckpt", text))  # where the header tells users to find the encoder
+    assert named <= {f"{dirpaths[0]}/last.ckpt"}
 
 
 @pytest.mark.parametrize("config", sorted(RUNS))
