@@ -10,9 +10,11 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import torch
 from torch import nn
 
 KEY = "model.generator.init_args"
+ENCODER_KEY = "model.encoder"
 
 
 def check_generator_fits_data(generator: nn.Module, datamodule: Any) -> None:
@@ -52,3 +54,40 @@ def _shape_fix(generator: nn.Module, shape: tuple[int, ...]) -> str:
     if len(shape) == 3 and {"in_channels", "input_size"} <= set(params) and shape[1] == shape[2]:
         return f"set {KEY}.in_channels {shape[0]} and {KEY}.input_size {shape[1]}"
     return f"configure the generator to make samples of shape {shape}"
+
+
+def check_encoder_fits_data(encoder: nn.Module, datamodule: Any, device: torch.device) -> None:
+    """Raise ValueError naming ``model.encoder`` when ``encoder`` cannot take the samples of ``datamodule``: one
+    forward of two zero samples of the data's shape must run and give every feature set one row per sample (an image
+    encoder given vectors may read the whole batch as one image, and train on nonsense without an error). A
+    DataModule without ``sample_shape`` is not checked."""
+    shape = getattr(datamodule, "sample_shape", None)
+    if shape is None:
+        return
+    shape, name = tuple(shape), type(encoder).__name__
+    try:
+        with torch.no_grad():
+            features = encoder(torch.zeros(2, *shape, device=device))
+    except (RuntimeError, ValueError, IndexError, TypeError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"the encoder ({name}, {ENCODER_KEY}) cannot take the data's samples of shape {shape}: {reason}."
+            f"{_encoder_fix(encoder, shape)}"
+        ) from err
+    merged = {key: tuple(f.shape) for key, f in features.items() if f.shape[0] != 2}
+    if merged:
+        key, got = next(iter(merged.items()))
+        raise ValueError(
+            f"the encoder ({name}, {ENCODER_KEY}) does not keep the data's samples apart: two samples of shape {shape} "
+            f"gave its feature set {key!r} the shape {got}.{_encoder_fix(encoder, shape)}"
+        )
+
+
+def _encoder_fix(encoder: nn.Module, shape: tuple[int, ...]) -> str:
+    if len(shape) == 1:
+        return f" Vector data takes no image encoder: leave {ENCODER_KEY} out (the raw samples, Identity)"
+    channels = getattr(getattr(encoder, "arch", None), "in_channels", None)
+    if channels is not None and channels != shape[0]:
+        return (f" It takes {channels} channels, the data has {shape[0]}: set {ENCODER_KEY}.init_args.arch.in_channels "
+                f"{shape[0]} (a random encoder), or give it a checkpoint trained on this data")
+    return ""

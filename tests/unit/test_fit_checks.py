@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
-from drifting_lightning.fit_checks import check_generator_fits_data
+from drifting_lightning.encoders.base import FeatureEncoder, Identity
+from drifting_lightning.encoders.resnet_mae import ResNetConfig, ResNetMAE
+from drifting_lightning.fit_checks import check_encoder_fits_data, check_generator_fits_data
 from drifting_lightning.models.dit import DiT
 from drifting_lightning.models.mlp import MLPGenerator
 
@@ -44,3 +47,39 @@ def test_too_few_classes_and_labels_missing():
     )
     with pytest.raises(ValueError, match="has no labels: set model.generator.init_args.num_classes 0"):
         check_generator_fits_data(gen, Data((2,), 0))
+
+
+class WholeBatchAsOneSample(FeatureEncoder):
+    """What an image encoder does with a batch of vectors [B, D]: one feature row for the whole batch."""
+
+    def forward(self, x):
+        return {"pooled": x.reshape(1, 1, -1)}
+
+
+def tiny_resnet_mae(in_channels: int) -> ResNetMAE:
+    return ResNetMAE(ResNetConfig(in_channels=in_channels, width=4, stages=(1, 1, 1, 1)))
+
+
+def test_an_encoder_that_cannot_take_the_data_names_model_encoder_and_the_fix():
+    cpu = torch.device("cpu")
+    check_encoder_fits_data(Identity(), Data((2,), 0), cpu)
+    check_encoder_fits_data(tiny_resnet_mae(1), Data((1, 8, 8), 10), cpu)
+    check_encoder_fits_data(WholeBatchAsOneSample(), None, cpu)  # no data module: nothing to check
+
+    with pytest.raises(ValueError) as err:
+        check_encoder_fits_data(WholeBatchAsOneSample(), Data((2,), 0), cpu)
+    assert str(err.value) == (
+        "the encoder (WholeBatchAsOneSample, model.encoder) does not keep the data's samples apart: two samples of "
+        "shape (2,) gave its feature set 'pooled' the shape (1, 1, 4). Vector data takes no image encoder: leave "
+        "model.encoder out (the raw samples, Identity)"
+    )
+    with pytest.raises(ValueError) as err:
+        check_encoder_fits_data(tiny_resnet_mae(4), Data((1, 8, 8), 10), cpu)
+    assert str(err.value).startswith("the encoder (ResNetMAE, model.encoder) cannot take the data's samples of shape "
+                                     "(1, 8, 8): Given groups=1")  # fmt: skip
+    assert str(err.value).endswith(
+        "It takes 4 channels, the data has 1: set model.encoder.init_args.arch.in_channels 1 (a random encoder), or "
+        "give it a checkpoint trained on this data"
+    )
+    with pytest.raises(ValueError, match=r"cannot take the data's samples of shape \(2,\): .*Vector data takes no"):
+        check_encoder_fits_data(tiny_resnet_mae(4), Data((2,), 0), cpu)
