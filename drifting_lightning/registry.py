@@ -113,6 +113,8 @@ def _subclasses(base: type, ours_only: bool = False, with_lightning: bool = Fals
             continue
         if ours_only and not cls.__module__.startswith("drifting_lightning") and not _is_plugin(cls):
             continue
+        if inspect.isabstract(cls):  # a base for others (ImageDataModule): it cannot be built
+            continue
         found[cls.__name__] = cls
     return found
 
@@ -125,7 +127,8 @@ def choices(base: type) -> tuple[str, list[str]]:
     for kind, kind_base in kinds().items():
         if base is kind_base:
             label = {"data": "data module", "models": "model"}.get(kind, kind.removesuffix("s"))
-            return label, list(components(kind))
+            # a kind may list a class of another base (the guidance sampler among the samplers of positives)
+            return label, [name for name, cls in components(kind).items() if issubclass(cls, base)]
     return base.__name__, sorted({base.__name__, *_subclasses(base, with_lightning=True)})
 
 

@@ -40,6 +40,8 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
 def explain(err: BaseException) -> str:
     """The error's message, with our fix added where the message of a library does not name one."""
     text = str(err) if not isinstance(err, KeyError) or not err.args else str(err.args[0])
+    if not text.strip():  # e.g. a bare NotImplementedError of a half-written plug-in
+        text = f"{type(err).__name__} without a message (DRIFTING_DEBUG=1 shows where it was raised)"
     if "stateful callback of type `FrechetCallback`" in text:
         text += "\nGive each FrechetCallback of one metric its own `tag` (e.g. tag: 50k)."
     return text

@@ -108,7 +108,11 @@ def _argument_type(class_path: str, name: str) -> type | None:
 
 def _unknown_name(key: str, name: str, base: type) -> str:
     label, names = registry.choices(base)
-    return f"{key + ': ' if key else ''}{registry.unknown(label, name, names)}"
+    where = f"{key}: " if key else ""
+    if any(name in registry.components(kind) for kind in registry.kinds()):  # a component, of another kind or base
+        options = f" ({', '.join(names)})" if names != [label] else ""
+        return f"{where}{name} does not go here: this takes a {label}{options}"
+    return f"{where}{registry.unknown(label, name, names)}"
 
 
 def _unknown_key(keys: list[str], option: str, class_path: str | None) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,7 +34,7 @@ _FLIP_STREAM = 100  # generator stream of the positive source used for augmentat
 DEFAULT_POSITIVES = lazy_instance(ClassAwareSampler)
 
 
-class ImageDataModule(LightningDataModule):
+class ImageDataModule(LightningDataModule, ABC):
     """Base of the image DataModules: subclasses implement ``make_source(split)`` for "train" and "test" (the
     held-out split; "val" means the same).
 
@@ -61,8 +62,9 @@ class ImageDataModule(LightningDataModule):
         self._tracker = PassTracker()  # the step training has consumed; the source in this process catches up lazily
         self._skips_reported = 0
 
+    @abstractmethod
     def make_source(self, split: str) -> ImageSource:
-        raise NotImplementedError
+        """The image source of a split ("train" or "test")."""
 
     def source(self, split: str = "train") -> ImageSource:
         """The split's image source, built once ("val" and "test" both mean the held-out split)."""

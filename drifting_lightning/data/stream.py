@@ -12,6 +12,7 @@ is new. The checkpoint holds the position as (epoch, batch).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -117,7 +118,7 @@ class SeededStream(IterableDataset):
                 yield {"positives": positives.unsqueeze(0)}
 
 
-class StreamingDataModule(L.LightningDataModule):
+class StreamingDataModule(L.LightningDataModule, ABC):
     """Base of DataModules whose every training step is ``{"positives": [1, P, *sample_shape]}`` of fresh
     samples; subclasses set ``sample_shape`` and implement ``draw_fn`` and ``real_samples``."""
 
@@ -138,13 +139,13 @@ class StreamingDataModule(L.LightningDataModule):
         self._loaded = 0  # the position a checkpoint gave (0 for a new run), until a pass begins
         self._tracker = PassTracker()
 
+    @abstractmethod
     def draw_fn(self) -> Callable[[torch.Generator], Tensor]:
         """A picklable ``generator -> [positives_per_step, *sample_shape]``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def real_samples(self, n: int, split: str = "train", seed: int = 0) -> tuple[Tensor, Tensor | None]:
         """``n`` target samples and their labels (None when unconditional), independent of training batches."""
-        raise NotImplementedError
 
     def train_dataloader(self) -> DataLoader:
         rank = self.trainer.global_rank if self.trainer is not None else 0

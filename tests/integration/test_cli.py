@@ -191,6 +191,10 @@ KERNELS = "Cauchy, Gaussian, InverseMultiquadric, Laplace"
         (["--model.betas", "[0.9, 1.5]"], "error: model: betas must be two numbers in [0, 1), got [0.9, 1.5]"),
         (["--model.loss.temperatures", "[-0.05]"],
          "error: model.loss: temperatures must be a non-empty list of positive finite numbers, got [-0.05]"),
+        (["--model.guidance", "ClassAwareSampler"],
+         "error: model.guidance: ClassAwareSampler does not go here: this takes a GuidanceSampler"),
+        (["--data", "ImageDataModule"],
+         "error: data: Expected an instantiatable class, but ImageDataModule is abstract"),
     ],
 )  # fmt: skip
 def test_a_bad_name_key_or_value_on_the_command_line_is_one_short_error(args, expected):

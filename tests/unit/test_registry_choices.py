@@ -1,0 +1,30 @@
+"""What `drifting list` and the "choose from" lists offer: only classes that can be built, only of the right base."""
+
+import pytest
+
+from drifting_lightning import registry
+from drifting_lightning.commands import explain
+from drifting_lightning.commands.config_errors import _unknown_name
+from drifting_lightning.sampling.positives import PositiveSource
+
+
+def test_abstract_bases_are_not_offered():
+    data = registry.components("data")
+    assert "ImageDataModule" not in data and "StreamingDataModule" not in data
+    assert {"DigitsDataModule", "ToyDataModule", "VectorDataModule"} <= set(data)
+
+
+def test_a_component_of_another_base_is_named_as_such_not_as_unknown():
+    label, names = registry.choices(PositiveSource)
+    assert label == "sampler" and "GuidanceSampler" not in names and "ClassAwareSampler" in names
+    assert _unknown_name("data.positives", "GuidanceSampler", PositiveSource) == (
+        f"data.positives: GuidanceSampler does not go here: this takes a sampler ({', '.join(names)})"
+    )
+    assert _unknown_name("data.positives", "ClassAwareSamplr", PositiveSource).startswith(
+        "data.positives: unknown sampler 'ClassAwareSamplr'; did you mean 'ClassAwareSampler'?"
+    )
+
+
+@pytest.mark.parametrize("err", [NotImplementedError(), RuntimeError("  ")])
+def test_an_error_without_a_message_is_still_named(err):
+    assert explain(err) == f"{type(err).__name__} without a message (DRIFTING_DEBUG=1 shows where it was raised)"
