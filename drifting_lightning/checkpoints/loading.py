@@ -37,7 +37,8 @@ def find_run_config(ckpt_path: PathLike) -> Path:
             return c
     raise FileNotFoundError(
         f"no {RUN_CONFIG} for checkpoint {ckpt_path} (looked at {', '.join(map(str, candidates))}). `drifting fit` "
-        f"writes it to the run folder runs/<name>/version_<k>/; pass the run's config with --config"
+        "writes it to the run folder runs/<name>/version_<k>/; give the run's config.yaml (`drifting sample` and "
+        "`drifting export` take --config, load_module config=)"
     )
 
 

@@ -88,6 +88,8 @@ def verify_checkpoint_file(path: PathLike, expected: str = FIT_CHECKPOINT) -> No
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist.{_others(path)}")
     if not zipfile.is_zipfile(path):
+        if _is_safetensors(_head(path, 64)):
+            raise not_a(path, "a safetensors weights file (such as an export's generator.safetensors)", expected)
         kind = foreign_kind(path)
         if kind is not None:
             raise not_a(path, kind, expected)

@@ -51,10 +51,14 @@ def encoder_for(checkpoint: str) -> nn.Module:
     from drifting_lightning.callbacks.frechet import encoder_from_checkpoint
     from drifting_lightning.checkpoints.loading import load_module
     from drifting_lightning.checkpoints.reading import existing_file, read_checkpoint
+    from drifting_lightning.metrics.classifier import CHECKPOINT_FORMAT as CLASSIFIER_FORMAT
 
     existing_file(checkpoint, "encoder checkpoint")
-    if "encoder_config" in read_checkpoint(checkpoint):
+    ckpt = read_checkpoint(checkpoint)
+    if "encoder_config" in ckpt:
         return encoder_from_checkpoint(checkpoint)
+    if ckpt.get("format") == CLASSIFIER_FORMAT:
+        raise ValueError(f"--checkpoint {checkpoint} is a classifier file: its metric is --metric fd_classifier")
     return load_module(checkpoint).encoder
 
 

@@ -15,6 +15,7 @@ minutes on one GPU). For several GPUs, run one process per GPU with different --
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -170,8 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     if args.num < 1 or args.batch_size < 1:
         raise ValueError(f"--num and --batch-size must be >= 1, got {args.num} and {args.batch_size}")
-    if args.alpha < 1.0:
-        raise ValueError(f"--alpha must be >= 1 (1 = no guidance), got {args.alpha}")
+    if not math.isfinite(args.alpha) or args.alpha < 1.0:
+        raise ValueError(f"--alpha must be a number >= 1 (1 = no guidance), got {args.alpha}")
     if not Path(args.ckpt).exists():
         raise FileNotFoundError(
             f"--ckpt {args.ckpt} does not exist (drifting fit writes runs/<name>/version_<k>/checkpoints/*.ckpt)"

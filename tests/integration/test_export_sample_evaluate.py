@@ -222,6 +222,10 @@ def test_evaluate_fd_classifier(run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"the classifier {clf} was trained on 8x8, 1 channel images, these are 16x16, 1 channel" in err
     assert "Traceback" not in err
+    # a classifier file given to fd_encoder: named, with its metric
+    assert evaluate.main([str(samples), "--ref", str(stats), "--metric", "fd_encoder", "--checkpoint", str(clf),
+                          "--device", "cpu"]) == 1  # fmt: skip
+    assert f"--checkpoint {clf} is a classifier file: its metric is --metric fd_classifier" in capsys.readouterr().err
 
 
 @pytest.mark.slow

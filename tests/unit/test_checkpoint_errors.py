@@ -72,6 +72,15 @@ def test_damaged_files_are_refused_naming_the_file_and_the_alternatives(tmp_path
     torch.save({"weights": torch.zeros(2)}, bad)  # a torch.save file, but no training state
     with pytest.raises(CheckpointError, match="no model weights"):
         AtomicCheckpointIO().load_checkpoint(bad)
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(bad))  # weights of another format: named, not called corrupted
+    with pytest.raises(CheckpointError) as err:
+        verify_checkpoint_file(bad)
+    assert str(err.value) == (
+        f"{bad} is a safetensors weights file (such as an export's generator.safetensors), not a `drifting fit` "
+        "checkpoint (runs/<name>/version_<k>/checkpoints/last.ckpt)"
+    )
 
 
 def test_foreign_model_config_names_every_differing_tensor():

@@ -15,6 +15,8 @@ from drifting_lightning.commands import sample
     (["--out", "{file}/samples.npz"], "error: --out: {file} is a file, not a folder"),
     (["--plot", "{file}/points.png"], "error: --plot: {file} is a file, not a folder"),
     (["--plot", "points.txt"], "error: --plot points.txt: name a picture file (.png, .pdf, .svg, .jpg)"),
+    (["--alpha", "nan"], "error: --alpha must be a number >= 1 (1 = no guidance), got nan"),
+    (["--alpha", "inf"], "error: --alpha must be a number >= 1 (1 = no guidance), got inf"),
 ])  # fmt: skip
 def test_a_bad_device_or_output_path_is_named_before_sampling(tmp_path: Path, capsys, args, expected):
     ckpt = tmp_path / "last.ckpt"
