@@ -72,6 +72,20 @@ def run_command(parser: argparse.ArgumentParser, body: Callable[[argparse.Namesp
     return guarded(lambda: body(args))
 
 
+def check_output_file(path: str, example: str, flag: str = "--out") -> None:
+    """Before the work starts: ``path`` is to be written as a file, so it must not be a folder."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(
+            f"{flag} {path} is a folder; name the file to write, e.g. {os.path.join(path, example)}"
+        )
+
+
+def check_output_folder(path: str, flag: str = "--out") -> None:
+    """Before the work starts: ``path`` is to be written as a folder, so it must not be a file."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"{flag} {path} is a file; name a folder to write into")
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> cuda if available, else mps, else cpu; any other name is passed to ``torch.device``."""
     import torch

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from drifting_lightning.commands import resolve_device, run_command
+from drifting_lightning.commands import check_output_file, resolve_device, run_command
 from drifting_lightning.files import atomic_write
 from drifting_lightning.metrics.frechet import FeatureMoments
 from drifting_lightning.metrics.npz import from_uint8, open_npz, to_uint8
@@ -255,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.out:
+        check_output_file(args.out, "metrics.json")
     result = evaluate(args)
     name = result["metric"]
     print(f"{name}: {result[name]:.6g}" if name == "energy_distance" else f"{name}: {result[name]:.4f}")

@@ -13,7 +13,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from drifting_lightning.commands import run_command
+from drifting_lightning.commands import check_output_folder, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +37,7 @@ def _run(args: argparse.Namespace) -> int:
     from drifting_lightning.console import notice
     from drifting_lightning.export import CONFIG_FILE, export_generator
 
+    check_output_folder(args.out)
     ckpt = existing_checkpoint(args.ckpt)
     if ckpt != Path(args.ckpt).expanduser():
         notice(f"--ckpt is a run folder: exporting from {ckpt}")

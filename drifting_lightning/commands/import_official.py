@@ -12,7 +12,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from drifting_lightning.commands import run_command
+from drifting_lightning.commands import check_output_folder, run_command
 
 OFFICIAL_REPO = "Goodeat/drifting"
 
@@ -47,6 +47,7 @@ def resolve_source(src: str, repo: str) -> Path:
 def _run(args: argparse.Namespace) -> int:
     from drifting_lightning.official.artifact import read_metadata
 
+    check_output_folder(args.out)
     folder = resolve_source(args.src, args.repo)
     kind = read_metadata(folder).get("kind")
     if kind == "gen":

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from drifting_lightning.commands import resolve_device, run_command
+from drifting_lightning.commands import check_output_file, resolve_device, run_command
 from drifting_lightning.metrics.npz import to_uint8, write_adm_npz, write_vector_npz
 from drifting_lightning.sampling.labels import balanced_labels
 
@@ -177,6 +177,7 @@ def _run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(
             f"--ckpt {args.ckpt} does not exist (drifting fit writes runs/<name>/version_<k>/checkpoints/*.ckpt)"
         )
+    check_output_file(args.out, "samples.npz")
     plot_folder = Path(args.plot).parent if args.plot else None
     for flag, folder in (("--png-dir", args.png_dir), ("--out", Path(args.out).parent), ("--plot", plot_folder)):
         if folder and Path(folder).exists() and not Path(folder).is_dir():
