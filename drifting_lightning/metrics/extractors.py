@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -104,6 +105,14 @@ class InceptionExtractor(nn.Module):
         return self.features_and_logits(x)[0]
 
 
+CHOOSE_FEATURE = "choose one with FrechetCallback's feature_key (or `drifting evaluate --feature-key`)"
+
+
+def _some(names: Iterable[str], shown: int = 8) -> str:
+    names = sorted(names)
+    return ", ".join(names[:shown]) + (f", ... ({len(names)} in all)" if len(names) > shown else "")
+
+
 class EncoderExtractor(nn.Module):
     """One feature set of a FeatureEncoder, averaged over locations: [B, L, C] -> [B, C]. Named ``fd_encoder``."""
 
@@ -121,10 +130,11 @@ class EncoderExtractor(nn.Module):
         key = self.key
         if key is None:
             if len(feats) != 1:
-                raise ValueError(f"the encoder returns features {sorted(feats)}; choose one with `key`")
+                raise ValueError(f"the encoder returns {len(feats)} feature sets ({_some(feats)}) and fd_encoder "
+                                 f"needs one: {CHOOSE_FEATURE}")  # fmt: skip
             (key,) = feats
         elif key not in feats:
-            raise KeyError(f"the encoder has no feature {key!r}; it returns {sorted(feats)}")
+            raise KeyError(f"the encoder has no feature set {key!r}; it returns {_some(feats)}: {CHOOSE_FEATURE}")
         out = feats[key].mean(dim=1)
         self.num_features = out.shape[1]
         return out

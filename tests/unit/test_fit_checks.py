@@ -83,3 +83,4 @@ def test_an_encoder_that_cannot_take_the_data_names_model_encoder_and_the_fix():
     )
     with pytest.raises(ValueError, match=r"cannot take the data's samples of shape \(2,\): .*Vector data takes no"):
         check_encoder_fits_data(tiny_resnet_mae(4), Data((2,), 0), cpu)
+

@@ -6,6 +6,8 @@ import scipy.linalg
 import torch
 from torchmetrics.image.fid import _compute_fid
 
+from drifting_lightning.encoders.base import FeatureEncoder
+from drifting_lightning.metrics.extractors import EncoderExtractor
 from drifting_lightning.metrics.frechet import FrechetDistance, feature_moments, frechet_distance, mean_cov
 from drifting_lightning.metrics.npz import to_uint8, write_adm_npz
 from drifting_lightning.metrics.reference import (
@@ -206,3 +208,20 @@ def test_load_reference_npz(tmp_path):
         load_reference_npz(tmp_path / "bad.npz")
     with pytest.raises(FileNotFoundError, match="missing.npz"):
         load_reference_npz(tmp_path / "missing.npz")
+
+
+def test_fd_encoder_on_an_encoder_of_many_feature_sets_names_the_option_to_choose_one():
+    class Many(FeatureEncoder):
+        def forward(self, x):
+            return {f"layer{i:02d}": x.flatten(1).unsqueeze(1) for i in range(10)}
+
+    with pytest.raises(ValueError) as err:
+        EncoderExtractor(Many())(torch.zeros(2, 3))
+    assert str(err.value) == (
+        "the encoder returns 10 feature sets (layer00, layer01, layer02, layer03, layer04, layer05, layer06, layer07, "
+        "... (10 in all)) and fd_encoder needs one: choose one with FrechetCallback's feature_key (or `drifting "
+        "evaluate --feature-key`)"
+    )
+    assert EncoderExtractor(Many(), "layer03")(torch.zeros(2, 3)).shape == (2, 3)
+    with pytest.raises(KeyError, match="no feature set 'layer99'; it returns layer00, "):
+        EncoderExtractor(Many(), "layer99")(torch.zeros(2, 3))

@@ -1,5 +1,5 @@
-"""`drifting sample` refuses a device it cannot use and output paths it cannot write before it samples anything; `export`
-and `import-official` refuse an output folder that is a file."""
+"""`drifting sample` refuses a device it cannot use and output paths it cannot write before it samples anything;
+`export` and `import-official` refuse an output folder that is a file."""
 
 from __future__ import annotations
 
