@@ -53,6 +53,10 @@ def _shape_fix(generator: nn.Module, shape: tuple[int, ...]) -> str:
         return f"set {KEY}.output_dim {shape[0]}"
     if len(shape) == 3 and {"in_channels", "input_size"} <= set(params) and shape[1] == shape[2]:
         return f"set {KEY}.in_channels {shape[0]} and {KEY}.input_size {shape[1]}"
+    if len(shape) == 1:
+        return f"vectors need a vector generator: --model.generator MLPGenerator --{KEY}.output_dim {shape[0]}"
+    if len(shape) == 3:
+        return "images need an image generator: --model.generator DiT (its in_channels and input_size)"
     return f"configure the generator to make samples of shape {shape}"
 
 

@@ -30,6 +30,8 @@ _UNKNOWN_NAME = (
 )
 _UNKNOWN_KEY = re.compile(r"^Option '([^']+)' is not accepted")
 _EXPECTED = re.compile(r"^Expected a <class '(\w+)'>\. Got value: (.*)$", re.S)
+_EXPECTED_LIST = re.compile(r"^Expected a <class '(?:collections\.abc\.Sequence|list|tuple)'>\. Got value: (.*)$", re.S)
+_EXPECTED_LITERAL = re.compile(r"^Expected a typing\.Literal\[(.*)\]\. Got value: (.*)$", re.S)
 _BY_INDEX = re.compile(r"unrecognized arguments: --(\d+\.\S*)")
 _TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
 
@@ -85,6 +87,11 @@ def parse_error(message: str, err: BaseException | None) -> str | None:
         names = plain if match.group(1) in plain else [match.group(1)]  # bool | int: either is fine
         wanted = " or ".join(_TYPE_WORDS.get(n, n) for n in names)
         return f"{key}: expected {wanted}, got {match.group(2).strip()!r}"
+    if match := _EXPECTED_LIST.match(root):
+        value = match.group(1).strip()
+        return f"{key}: expected a list, got {value!r}; in brackets, e.g. --{key} '[{value}]'"
+    if match := _EXPECTED_LITERAL.match(root):
+        return f"{key}: expected one of {match.group(1)}, got {match.group(2).strip()!r}"
     if match := _BY_INDEX.search(root):
         option = f"--{key}.{match.group(1).split('=')[0]}"
         return (f"{key}: list elements cannot be set by index on the command line ({option}); set them in a "
@@ -129,6 +136,8 @@ def _unknown_key(keys: list[str], option: str, class_path: str | None) -> str:
         return (f"{key}: the config names no {registry.choices(cls)[0]} at {where} (its default is used), so it has no "
                 f"arguments to set; name one first, e.g. --{where} {(takes or list(found))[0]} --{key} ... "
                 f"(choose from {', '.join(found)})")
+    if not params:
+        return f"{key}: {cls.__name__} takes no arguments"
     hint = registry.suggest(option, params)
     return f"{key}: {cls.__name__} has no argument {option!r}; {hint + ' Its' if hint else 'its'} arguments: " + (
         ", ".join(params)

@@ -193,6 +193,13 @@ KERNELS = "Cauchy, Gaussian, InverseMultiquadric, Laplace"
          "error: model.loss: temperatures must be a non-empty list of positive finite numbers, got [-0.05]"),
         (["--model.guidance", "ClassAwareSampler"],
          "error: model.guidance: ClassAwareSampler does not go here: this takes a GuidanceSampler"),
+        (["--model.loss.temperatures", "0.05"],
+         "error: model.loss.temperatures: expected a list, got '0.05'; in brackets, e.g. --model.loss.temperatures "
+         "'[0.05]'"),
+        (["--model.loss.field", "MeanShift", "--model.loss.field.normalization", "bogus"],
+         "error: model.loss.field.normalization: expected one of 'both', 'targets', 'none', got 'bogus'"),
+        (["--model.loss.field", "MMD", "--model.loss.field.normalization", "both"],
+         "error: model.loss.field.normalization: MMD takes no arguments"),
         (["--data", "ImageDataModule"],
          "error: data: Expected an instantiatable class, but ImageDataModule is abstract"),
     ],

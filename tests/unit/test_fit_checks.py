@@ -35,6 +35,12 @@ def test_sample_shape_mismatch_names_both_shapes_and_the_key():
     with pytest.raises(ValueError, match=r"shape \(1, 8, 8\), the data \(Data\) holds samples of shape \(3, 16, 16\): "
                        r"set model.generator.init_args.in_channels 3 and model.generator.init_args.input_size 16"):
         check_generator_fits_data(dit, Data((3, 16, 16), 10))
+    # a generator of the other kind: the one to use instead
+    with pytest.raises(ValueError, match=r"\(2,\): vectors need a vector generator: --model.generator MLPGenerator "
+                       r"--model.generator.init_args.output_dim 2$"):
+        check_generator_fits_data(dit, Data((2,), 0))
+    with pytest.raises(ValueError, match=r"images need an image generator: --model.generator DiT \(its in_channels"):
+        check_generator_fits_data(MLPGenerator(noise_dim=4, output_dim=2, hidden=[8]), Data((1, 8, 8), 10))
 
 
 def test_too_few_classes_and_labels_missing():
