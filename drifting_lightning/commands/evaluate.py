@@ -40,9 +40,16 @@ def read_images(path: str, what: str) -> np.ndarray:
         return f["arr_0"]
 
 
-def batches(images: np.ndarray, batch_size: int, device: torch.device) -> Iterator[Tensor]:
-    for start in range(0, len(images), batch_size):
-        yield from_uint8(images[start : start + batch_size]).to(device)
+def batches(
+    images: np.ndarray, batch_size: int, device: torch.device, desc: str = "", progress: bool = False
+) -> Iterator[Tensor]:
+    """``images`` in batches on ``device`` in [-1, 1], with a progress bar (``desc``) when ``progress``."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(images), unit="img", desc=desc, disable=not progress) as bar:
+        for start in range(0, len(images), batch_size):
+            yield from_uint8(images[start : start + batch_size]).to(device)
+            bar.update(min(batch_size, len(images) - start))
 
 
 def encoder_for(checkpoint: str) -> nn.Module:
@@ -154,7 +161,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
     keep = args.pr_samples
     fake = Features(extractor, keep, logits=kind == "inception")
-    for x in batches(fake_images, args.batch_size, device):
+    progress = not args.no_progress
+    for x in batches(fake_images, args.batch_size, device, f"{name} of the samples", progress):
         fake.add_images(x)
     mu2, sigma2 = fake.statistics()
     if stats is not None and np.shape(stats["mu"]) != (mu2.shape[0],):
@@ -167,7 +175,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     real = None
     if real_images is not None and (stats is None or keep > 0):
         real = Features(extractor, keep, logits=False)
-        for x in batches(real_images, args.batch_size, device):
+        for x in batches(real_images, args.batch_size, device, f"{name} of the reference", progress):
             real.add_images(x)
     mu1, sigma1 = (stats["mu"], stats["sigma"]) if stats is not None else real.statistics()
 
@@ -251,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=250, help="images per extractor call")
     parser.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, ...")
     parser.add_argument("--out", help="also write the metrics to this JSON file")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
 

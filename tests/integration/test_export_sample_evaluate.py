@@ -180,8 +180,9 @@ def test_evaluate_fd_classifier(run, tmp_path, capsys):
     argv = [str(samples), "--data-config", str(run["config"]), "--metric", "fd_classifier", "--checkpoint", str(clf),
             "--num-ref", "80", "--pr-samples", "40", "--device", "cpu", "--out", str(out)]  # fmt: skip
     assert evaluate.main(argv) == 0
-    printed = capsys.readouterr().out
+    printed, shown = capsys.readouterr()
     assert "fd_classifier:" in printed and "fid" not in printed and "precision:" in printed
+    assert "fd_classifier of the samples" in shown and "fd_classifier of the reference" in shown  # progress bars
     result = json.loads(out.read_text())
     assert result["metric"] == "fd_classifier" and result["num_samples"] == 60 and result["num_reference"] == 80
     assert 0 <= result["precision"] <= 1 and 0 <= result["recall"] <= 1
@@ -200,7 +201,8 @@ def test_evaluate_fd_classifier(run, tmp_path, capsys):
     # A reference .npz of the same real images gives the same value.
     ref = write_adm_npz(tmp_path / "ref.npz", to_uint8(dm.real_samples(80, split="train", seed=0)[0]))
     assert evaluate.main([str(samples), "--ref", str(ref), "--metric", "classifier", "--checkpoint", str(clf),
-                          "--device", "cpu", "--out", str(out)]) == 0  # fmt: skip
+                          "--device", "cpu", "--out", str(out), "--no-progress"]) == 0  # fmt: skip
+    assert "of the samples" not in capsys.readouterr().err
     assert json.loads(out.read_text())["fd_classifier"] == pytest.approx(result["fd_classifier"], rel=1e-6)
 
     # Statistics only (mu, sigma of the same features): the same value again, and no precision/recall.
