@@ -41,8 +41,8 @@ def load_vectors(path: str | Path) -> np.ndarray:
             data = np.load(path, allow_pickle=False)
         else:
             data = np.loadtxt(path, delimiter=",", skiprows=int(_csv_has_header(path)), ndmin=2, dtype=np.float64)
-    except ValueError as err:
-        raise ValueError(f"{path}: cannot read numbers from this file ({err})") from err
+    except ValueError as err:  # "from None": the config error shows this message, which holds numpy's
+        raise ValueError(f"{path}: cannot read numbers from this file ({err})") from None
     if not np.issubdtype(data.dtype, np.number) or np.issubdtype(data.dtype, np.complexfloating):
         raise ValueError(f"{path}: expected real numbers, got dtype {data.dtype}")
     if data.ndim != 2:

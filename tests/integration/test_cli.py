@@ -322,3 +322,12 @@ def test_resilience_is_part_of_the_config():
     assert any(isinstance(c, TrainingRNG) for c in hardened.callbacks)
     plain = DriftingCLI(args=[*common, "--resilience", "false"], run=False).trainer
     assert not any(isinstance(c, (GracefulStop, TrainingRNG)) for c in plain.callbacks)
+
+
+def test_a_table_that_is_not_numbers_is_named_with_the_reason(tmp_path):
+    table = tmp_path / "actions.csv"
+    table.write_text("x,y\n1,2\n3,four\n")
+    out = run_drifting("fit", "--config", TOY, "--data", "VectorDataModule", "--data.path", str(table), *FAST)
+    line = error_of(out)
+    assert line.startswith(f"error: data: {table}: cannot read numbers from this file (could not convert string "
+                           "'four'"), line  # fmt: skip
