@@ -101,6 +101,7 @@ def list_components(argv: Sequence[str]) -> int:
         return 0
     table = registry.kinds()
     for kind in list(argv) or list(table):
+        kind = kind if kind in table or f"{kind}s" not in table else f"{kind}s"  # "kernel" for "kernels"
         try:
             found = registry.components(kind)
         except ValueError as err:  # an unknown kind: the message names the kinds

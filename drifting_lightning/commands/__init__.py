@@ -13,6 +13,7 @@ during start-up is handled too.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -56,6 +57,10 @@ def guarded(body: Callable[[], int]) -> int:
             raise
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `drifting list | head`: the reader left, which is no error of ours
+        with contextlib.suppress(OSError, ValueError):  # so that exit's flush does not fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a program that SIGPIPE ends
     except _user_error_types() as err:
         if os.environ.get("DRIFTING_DEBUG"):
             raise

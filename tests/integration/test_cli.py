@@ -24,6 +24,20 @@ def test_list_prints_every_kind_with_docs_and_args():
     assert "args: normalization='both'" in out.stdout
 
 
+def test_list_takes_a_kind_in_the_singular():
+    assert run_drifting("list", "kernel").stdout == run_drifting("list", "kernels").stdout != ""
+
+
+def test_a_closed_pipe_ends_a_command_quietly(capsys):
+    from drifting_lightning.commands import guarded
+
+    def reader_left() -> int:  # what print raises under `drifting list | head` once head has exited
+        raise BrokenPipeError(32, "Broken pipe")
+
+    assert guarded(reader_left) == 141
+    assert capsys.readouterr().err == ""
+
+
 def test_list_unknown_kind_suggests():
     out = run_drifting("list", "kernals")
     assert out.returncode == 2
