@@ -309,6 +309,8 @@ def test_list_help_and_fit_help():
     assert listed.returncode == 0 and listed.stdout.startswith("usage: drifting list [kernels|fields|")
     fit = run_drifting("fit", "--help")
     assert fit.returncode == 0 and "--trainer.max_steps" in fit.stdout and "--resilience" in fit.stdout
+    as_module = run_drifting_subprocess("fit", "--help")  # python -m drifting_lightning is the same program
+    assert as_module.returncode == 0 and as_module.stdout.startswith("usage: drifting [options] fit")
 
 
 # ---- the one error policy ---------------------------------------------------------------------------------------
