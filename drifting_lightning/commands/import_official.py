@@ -13,8 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from drifting_lightning.commands import check_output_folder, run_command
-
-OFFICIAL_REPO = "Goodeat/drifting"
+from drifting_lightning.official.download import OFFICIAL_REPO
 
 
 def build_parser() -> argparse.ArgumentParser:

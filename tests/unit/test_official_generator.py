@@ -173,6 +173,19 @@ def test_corrupted_or_missing_metadata_through_the_command(tmp_path, capsys):
     assert "metadata.json does not exist" in capsys.readouterr().err
 
 
+def test_hf_ids_are_checked_before_any_download_and_offline_names_the_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert import_official.main(["hf://latent_L_sot", "--out", str(tmp_path / "out")]) == 1
+    assert "error: hf://latent_L_sot: unknown artifact id 'latent_L_sot'; did you mean 'latent_L_sota'" in (
+        capsys.readouterr().err)
+    assert import_official.main(["hf://mae_latent_640", "--out", str(tmp_path / "out")]) == 1
+    assert "download models/mae/jax/mae_latent_640/ from https://huggingface.co/Goodeat/drifting" in (
+        capsys.readouterr().err)
+    # another repository may hold other ids: not checked against the authors' list
+    assert import_official.main(["hf://mine", "--repo", "me/mine", "--out", str(tmp_path / "out")]) == 1
+    assert "hf://mine: HF_HUB_OFFLINE is set" in capsys.readouterr().err
+
+
 def test_import_then_sample_and_init_from(tmp_path, capsys):
     out = tmp_path / "pixel"
     assert import_official.main([str(FIXTURES / "gen_pixel"), "--out", str(out)]) == 0
