@@ -40,6 +40,11 @@ BUILTIN_MODULES = (
     "drifting_lightning.encoders.vae_bridge",
     "drifting_lightning.metrics.classifier",
     "drifting_lightning.module",
+    # callbacks: no kind of `drifting list`, but imported so that configs may name them by class name
+    "drifting_lightning.callbacks.frechet",
+    "drifting_lightning.callbacks.sample_grid",
+    "drifting_lightning.callbacks.sample_metrics",
+    "drifting_lightning.callbacks.scatter",
 )
 
 _loaded = False
