@@ -105,6 +105,8 @@ def reference_images(args: argparse.Namespace, num_samples: int) -> tuple[np.nda
             images = f["arr_0"] if "arr_0" in f.files else None
         if stats is None and images is None:
             raise KeyError(f"--ref {args.ref} holds neither mu/sigma nor arr_0 images (it has {sorted(f.files)})")
+        if stats is not None:
+            check_reference_statistics(stats["mu"], stats["sigma"], args.ref)
         return images, stats, args.ref
     x, desc = data_samples(args, num_samples)
     if x.dim() != 4 or x.shape[1] not in (1, 3):
@@ -113,6 +115,15 @@ def reference_images(args: argparse.Namespace, num_samples: int) -> tuple[np.nda
             "or 3 (latent data?): give --ref with reference images or statistics instead"
         )
     return to_uint8(x).numpy(), None, desc
+
+
+def check_reference_statistics(mu: np.ndarray, sigma: np.ndarray, path: str) -> None:
+    """mu [F] and sigma [F, F] of a reference file, finite: else an error that names the file (the distance would
+    blame the features)."""
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise ValueError(f"--ref {path}: mu must be [F] and sigma [F, F], got {list(mu.shape)} and {list(sigma.shape)}")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f"--ref {path}: mu or sigma holds NaN or Inf; the reference statistics are damaged")
 
 
 def data_samples(args: argparse.Namespace, num_samples: int) -> tuple[Tensor, str]:

@@ -217,6 +217,10 @@ def test_evaluate_fd_classifier(run, tmp_path, capsys):
     assert evaluate.main([str(samples), "--ref", str(wrong), "--metric", "fd_classifier", "--checkpoint", str(clf),
                           "--device", "cpu"]) == 1  # fmt: skip
     assert "another feature extractor" in capsys.readouterr().err
+    nan = save_reference_npz(tmp_path / "nan.npz", np.full(16, np.nan), np.eye(16))  # damaged statistics: named
+    assert evaluate.main([str(samples), "--ref", str(nan), "--metric", "fd_classifier", "--checkpoint", str(clf),
+                          "--device", "cpu"]) == 1  # fmt: skip
+    assert f"--ref {nan}: mu or sigma holds NaN or Inf; the reference statistics are damaged" in capsys.readouterr().err
     # samples of another size than the classifier's training images: refused, not a meaningless number
     big = write_adm_npz(tmp_path / "big.npz", torch.randint(0, 256, (60, 16, 16, 1), dtype=torch.uint8))
     assert evaluate.main([str(big), "--ref", str(stats), "--metric", "fd_classifier", "--checkpoint", str(clf),
