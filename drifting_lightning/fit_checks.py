@@ -95,3 +95,20 @@ def _encoder_fix(encoder: nn.Module, shape: tuple[int, ...]) -> str:
         return (f" It takes {channels} channels, the data has {shape[0]}: set {ENCODER_KEY}.init_args.arch.in_channels "
                 f"{shape[0]} (a random encoder), or give it a checkpoint trained on this data")
     return ""
+
+
+def check_guidance_has_negatives(guidance: Any, datamodule: Any) -> None:
+    """Raise ValueError when ``model.guidance`` is set but the data gives no unconditional samples, the negatives it
+    weighs: without them the guidance sampler is never used and the run trains without guidance, silently."""
+    if guidance is None or datamodule is None:
+        return
+    data = type(datamodule).__name__
+    if getattr(datamodule, "num_classes", None) == 0:
+        raise ValueError(f"model.guidance is set, but the data ({data}) has no class labels, so there is nothing to "
+                         "guide: leave model.guidance out")  # fmt: skip
+    positives = getattr(datamodule, "positives", None)
+    if getattr(positives, "unconditional_per_class", None) == 0:
+        raise ValueError(
+            "model.guidance is set, but the data draws no unconditional samples, the negatives guidance weighs: set "
+            "data.init_args.positives.init_args.unconditional_per_class (e.g. 8), or leave model.guidance out"
+        )

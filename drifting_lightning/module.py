@@ -18,7 +18,11 @@ from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 from drifting_lightning.checkpoints.states import check_state_fits
 from drifting_lightning.drift.loss import DriftingLoss
 from drifting_lightning.encoders.base import FeatureEncoder, Identity
-from drifting_lightning.fit_checks import check_encoder_fits_data, check_generator_fits_data
+from drifting_lightning.fit_checks import (
+    check_encoder_fits_data,
+    check_generator_fits_data,
+    check_guidance_has_negatives,
+)
 from drifting_lightning.models.base import Generator
 from drifting_lightning.models.vae import LatentDecoder
 from drifting_lightning.parallel import clip_fsdp_gradients, full_parameters, shard_fsdp2, wrap_fsdp
@@ -184,6 +188,7 @@ class DriftingModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         check_generator_fits_data(self.ema_generator, self.trainer.datamodule)  # the EMA copy is never wrapped
         check_encoder_fits_data(self.encoder, self.trainer.datamodule, self.device)
+        check_guidance_has_negatives(self.guidance, self.trainer.datamodule)
         self._skips = SkipTally()
         self._drop_gradients = False
         # Rank 0's seed (the one seed_everything set) for every rank's group streams.

@@ -90,3 +90,21 @@ def test_an_encoder_that_cannot_take_the_data_names_model_encoder_and_the_fix():
     with pytest.raises(ValueError, match=r"cannot take the data's samples of shape \(2,\): .*Vector data takes no"):
         check_encoder_fits_data(tiny_resnet_mae(4), Data((2,), 0), cpu)
 
+
+
+def test_guidance_without_unconditional_samples_is_refused():
+    from types import SimpleNamespace
+
+    from drifting_lightning.fit_checks import check_guidance_has_negatives
+    from drifting_lightning.sampling.guidance import GuidanceSampler
+    from drifting_lightning.sampling.positives import ClassAwareSampler
+
+    guidance = GuidanceSampler()
+    with_negatives = SimpleNamespace(num_classes=10, positives=ClassAwareSampler(unconditional_per_class=4))
+    check_guidance_has_negatives(guidance, with_negatives)
+    check_guidance_has_negatives(None, Data((2,), 0))  # no guidance: nothing to check
+    with pytest.raises(ValueError, match=r"the data \(Data\) has no class labels, so there is nothing to guide"):
+        check_guidance_has_negatives(guidance, Data((2,), 0))
+    without = SimpleNamespace(num_classes=10, positives=ClassAwareSampler(unconditional_per_class=0))
+    with pytest.raises(ValueError, match="set data.init_args.positives.init_args.unconditional_per_class"):
+        check_guidance_has_negatives(guidance, without)
