@@ -23,6 +23,11 @@ class StepProgressBar(RichProgressBar):
     def total_train_batches(self) -> int | float:
         return self.trainer.max_steps if self._by_steps() else super().total_train_batches
 
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)  # the logger's version is the run folder's name; the bar showed it as 0.000
+        return metrics
+
     def _get_train_description(self, current_epoch: int) -> str:
         return "step" if self._by_steps() else super()._get_train_description(current_epoch)
 
