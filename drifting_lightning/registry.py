@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import re
 import warnings
 from collections.abc import Iterable
 from importlib.metadata import entry_points
@@ -142,10 +143,17 @@ def _is_plugin(cls: type) -> bool:
     return any(cls.__module__ == n or cls.__module__.startswith(n + ".") for n in names)
 
 
+SUMMARY_CHARACTERS = 200  # of a docstring's first sentence in `drifting list`
+
+
 def describe(cls: type) -> tuple[str, str]:
-    """(first docstring line, constructor arguments with defaults)."""
-    doc = (inspect.getdoc(cls) or "").strip().splitlines()
-    summary = doc[0] if doc else ""
+    """(first sentence of the docstring, constructor arguments with defaults)."""
+    paragraph = (inspect.getdoc(cls) or "").strip().split("\n\n")[0]
+    words = " ".join(line.strip() for line in paragraph.splitlines())
+    end = re.search(r"\.(?=\s+[A-Z`]|$)", words)  # a sentence may run over several docstring lines
+    summary = words[: end.start() + 1] if end else words
+    if len(summary) > SUMMARY_CHARACTERS:
+        summary = summary[:SUMMARY_CHARACTERS].rsplit(" ", 1)[0] + " ..."
     try:
         params = list(inspect.signature(cls.__init__).parameters.values())[1:]
     except (TypeError, ValueError):

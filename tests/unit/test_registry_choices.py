@@ -28,3 +28,13 @@ def test_a_component_of_another_base_is_named_as_such_not_as_unknown():
 @pytest.mark.parametrize("err", [NotImplementedError(), RuntimeError("  ")])
 def test_an_error_without_a_message_is_still_named(err):
     assert explain(err) == f"{type(err).__name__} without a message (DRIFTING_DEBUG=1 shows where it was raised)"
+
+
+def test_list_shows_the_first_sentence_whole():
+    from drifting_lightning.data.images import ImageFolderDataModule
+    from drifting_lightning.drift.fields import MeanShift
+
+    # over two docstring lines, with abbreviations ("Eq. 11") that do not end it
+    first = "Mean-shift attraction minus repulsion (paper Eq. 11, Alg. 2), the paper's field."
+    assert registry.describe(MeanShift)[0] == first
+    assert registry.describe(ImageFolderDataModule)[0].endswith("random horizontal flips, read lazily by the workers.")
