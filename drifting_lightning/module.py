@@ -187,7 +187,8 @@ class DriftingModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         check_generator_fits_data(self.ema_generator, self.trainer.datamodule)  # the EMA copy is never wrapped
-        check_encoder_fits_data(self.encoder, self.trainer.datamodule, self.device)
+        with self.trainer.precision_plugin.forward_context():  # as in training: bf16-true weights take bf16 zeros
+            check_encoder_fits_data(self.encoder, self.trainer.datamodule, self.device)
         check_guidance_has_negatives(self.guidance, self.trainer.datamodule)
         self._skips = SkipTally()
         self._drop_gradients = False

@@ -108,3 +108,13 @@ def test_guidance_without_unconditional_samples_is_refused():
     without = SimpleNamespace(num_classes=10, positives=ClassAwareSampler(unconditional_per_class=0))
     with pytest.raises(ValueError, match="set data.init_args.positives.init_args.unconditional_per_class"):
         check_guidance_has_negatives(guidance, without)
+
+
+def test_the_encoder_check_runs_in_the_precision_of_training():
+    from lightning.pytorch.plugins.precision import HalfPrecision
+
+    encoder = tiny_resnet_mae(1).to(torch.bfloat16)  # as bf16-true leaves its weights
+    with pytest.raises(ValueError, match="cannot take the data's samples"):  # float32 zeros: the wrong verdict
+        check_encoder_fits_data(encoder, Data((1, 8, 8), 10), torch.device("cpu"))
+    with HalfPrecision("bf16-true").forward_context():  # what DriftingModule.on_fit_start wraps the check in
+        check_encoder_fits_data(encoder, Data((1, 8, 8), 10), torch.device("cpu"))
