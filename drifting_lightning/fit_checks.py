@@ -17,6 +17,18 @@ KEY = "model.generator.init_args"
 ENCODER_KEY = "model.encoder"
 
 
+def check_parts_fit(
+    generator: nn.Module, encoder: nn.Module, guidance: Any, trainer: Any, device: torch.device
+) -> None:
+    """Every check below for a DriftingModule's parts against ``trainer.datamodule``, before the first step. The
+    encoder runs in the training precision's forward context, as in training (bf16-true weights take bf16 input)."""
+    datamodule = trainer.datamodule
+    check_generator_fits_data(generator, datamodule)
+    with trainer.precision_plugin.forward_context():
+        check_encoder_fits_data(encoder, datamodule, device)
+    check_guidance_has_negatives(guidance, datamodule)
+
+
 def check_generator_fits_data(generator: nn.Module, datamodule: Any) -> None:
     """Raise ValueError naming both sides and the key to set when ``generator`` cannot make the samples of
     ``datamodule``: another sample shape, fewer classes than the data has, or classes the data does not have.

@@ -18,11 +18,7 @@ from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 from drifting_lightning.checkpoints.states import check_state_fits
 from drifting_lightning.drift.loss import DriftingLoss
 from drifting_lightning.encoders.base import FeatureEncoder, Identity
-from drifting_lightning.fit_checks import (
-    check_encoder_fits_data,
-    check_generator_fits_data,
-    check_guidance_has_negatives,
-)
+from drifting_lightning.fit_checks import check_parts_fit
 from drifting_lightning.models.base import Generator
 from drifting_lightning.models.vae import LatentDecoder
 from drifting_lightning.parallel import clip_fsdp_gradients, full_parameters, shard_fsdp2, wrap_fsdp
@@ -186,10 +182,8 @@ class DriftingModule(pl.LightningModule):
             self.print(summary)
 
     def on_fit_start(self) -> None:
-        check_generator_fits_data(self.ema_generator, self.trainer.datamodule)  # the EMA copy is never wrapped
-        with self.trainer.precision_plugin.forward_context():  # as in training: bf16-true weights take bf16 zeros
-            check_encoder_fits_data(self.encoder, self.trainer.datamodule, self.device)
-        check_guidance_has_negatives(self.guidance, self.trainer.datamodule)
+        # the EMA copy of the generator: never wrapped by a strategy
+        check_parts_fit(self.ema_generator, self.encoder, self.guidance, self.trainer, self.device)
         self._skips = SkipTally()
         self._drop_gradients = False
         # Rank 0's seed (the one seed_everything set) for every rank's group streams.
