@@ -194,8 +194,8 @@ class DriftingLoss(nn.Module):
         """A.6: S = weighted mean distance of the generated samples to all targets (under stop-gradient, from the
         batch), s_in = max(S / sqrt(C), 1e-3) the scale the features are divided by. Pass 1 over the rows."""
         n_stats = walk.g if walk.per_group else 1
-        ones = torch.ones(n_stats, device=walk.device)
-        lam = torch.ones(len(self.temperatures), n_stats, device=walk.device)
+        ones = torch.ones(n_stats, device=walk.device, dtype=torch.float32)
+        lam = torch.ones(len(self.temperatures), n_stats, device=walk.device, dtype=torch.float32)
         raw_sq = torch.zeros_like(lam)
         if not self.feature_normalization:
             return _Statistics(ones, ones, lam, raw_sq)
@@ -387,9 +387,11 @@ def _check(name: str, gen: Tensor, pos: Tensor, neg: Tensor | None, neg_weights:
         return None
     g, m, n, p = gen.shape[0], neg.shape[1], gen.shape[1], pos.shape[1]
     with torch.no_grad():
-        w = torch.ones(g, m, device=gen.device) if neg_weights is None else neg_weights.float().to(gen.device)
+        # float32 whatever the default dtype (a "-true" precision sets it for the forward)
+        ones = {"device": gen.device, "dtype": torch.float32}
+        w = torch.ones(g, m, **ones) if neg_weights is None else neg_weights.float().to(gen.device)
         if w.dim() == 1:
             w = w.unsqueeze(1).expand(g, m)
         if w.shape != (g, m):
             raise ValueError(f"neg_weights must be [G] or [G, M] = [{g}] or [{g}, {m}], got {tuple(w.shape)}")
-        return torch.cat([torch.ones(g, n, device=w.device), w, torch.ones(g, p, device=w.device)], dim=1)
+        return torch.cat([torch.ones(g, n, **ones), w, torch.ones(g, p, **ones)], dim=1)

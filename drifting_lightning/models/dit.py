@@ -107,6 +107,12 @@ def rms_norm(dim: int) -> nn.RMSNorm:
     return nn.RMSNorm(dim, eps=NORM_EPS)
 
 
+def norm_in_float32(norm: nn.RMSNorm, x: Tensor) -> Tensor:
+    """norm(x) in float32 whatever x's and the weight's dtypes: autocast, or bf16 weights under "bf16-true" (torch's
+    fused norm wants both in one dtype)."""
+    return F.rms_norm(x.float(), norm.normalized_shape, norm.weight.float(), norm.eps)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention: fused qkv, RMSNorm QK-norm per head, RoPE, scale head_dim^-1/2, output linear."""
 
@@ -120,8 +126,8 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)  # 3 x [B, H, T, hd]
-        q = apply_rope(self.q_norm(q.float()), cos, sin).to(v.dtype)  # QK-norm and RoPE in float32
-        k = apply_rope(self.k_norm(k.float()), cos, sin).to(v.dtype)
+        q = apply_rope(norm_in_float32(self.q_norm, q), cos, sin).to(v.dtype)  # QK-norm and RoPE in float32
+        k = apply_rope(norm_in_float32(self.k_norm, k), cos, sin).to(v.dtype)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).flatten(2))
 
@@ -298,8 +304,10 @@ class DiT(Generator):
         alpha = torch.as_tensor(1.0 if alpha is None else alpha, dtype=torch.float32, device=device)
         if alpha.dim() > 1 or alpha.numel() not in (1, n):
             raise ValueError(f"alpha must be a scalar or of shape [{n}], got shape {tuple(alpha.shape)}")
-        features = sinusoidal_embedding(alpha.expand(n), ALPHA_FREQ_DIM)
-        c = ALPHA_EMBED_SCALE * self.alpha_norm(self.alpha_embed(features).float())  # float32 norm under autocast
+        # the parameters' dtype: float32 under autocast, bf16 or float64 under "-true" precisions
+        dtype = self.alpha_embed[0].weight.dtype
+        features = sinusoidal_embedding(alpha.expand(n), ALPHA_FREQ_DIM).to(dtype)
+        c = ALPHA_EMBED_SCALE * norm_in_float32(self.alpha_norm, self.alpha_embed(features))
         if self.class_embed is not None:
             if labels is None or labels.shape != (n,):
                 got = None if labels is None else tuple(labels.shape)
@@ -315,7 +323,7 @@ class DiT(Generator):
                 raise ValueError(f"style must have shape [{n}, {self.num_style_tokens}], got {tuple(style.shape)}")
             offsets = torch.arange(self.num_style_tokens, device=device) * self.style_codebook_size
             c = c + self.style_embed(style + offsets).sum(dim=1)
-        return c
+        return c.to(dtype) if dtype != torch.float32 else c
 
     def forward(
         self,
@@ -331,6 +339,7 @@ class DiT(Generator):
                 f"noise must have shape [B, {', '.join(map(str, self.noise_shape))}], got {tuple(noise.shape)}"
             )
         n, p, g = noise.shape[0], self.patch_size, self.grid
+        noise = noise.to(self.patch_embed.weight.dtype)  # float32 noise into a bf16 or float64 ("-true") model
         c = self.condition(n, labels, alpha, style, noise.device)
         patches = noise.reshape(n, -1, g, p, g, p).permute(0, 2, 4, 3, 5, 1).reshape(n, g * g, -1)  # (p, p, C) order
         x = self.patch_embed(patches) + self.pos_embed

@@ -57,6 +57,30 @@ def test_bf16_mixed_generator_with_float32_drift_loss(tmp_path: Path):
     assert all(p.dtype == torch.float32 for p in module.generator.parameters())  # master weights stay float32
 
 
+class _ImageBatches(IterableDataset):
+    def __iter__(self):
+        g = torch.Generator().manual_seed(0)
+        for _ in range(2):
+            yield {"positives": torch.randn(2, 4, 4, 8, 8, generator=g), "labels": torch.tensor([0, 1])}
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("bf16-true", torch.bfloat16), ("64-true", torch.float64)])
+def test_true_precisions_train_and_sample_a_dit(tmp_path: Path, precision: str, dtype: torch.dtype):
+    """Under "-true" precisions the weights themselves are bf16 or float64: DiT's float32 noise and condition
+    features, and the drift loss's float32 bookkeeping (made while the default dtype is the run's), must follow."""
+    _Spy.seen = []
+    generator = dit.DiT("tiny", input_size=8, depth=1)
+    module = DriftingModule(generator, loss=_Spy(), generated_per_group=4)
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         precision=precision)  # fmt: skip
+    trainer.fit(module, DataLoader(_ImageBatches(), batch_size=None))
+    assert [s[:2] for s in _Spy.seen] == [(dtype, torch.float32)] * 2
+    assert all(p.dtype == dtype for p in module.generator.parameters())
+    samples = module.sample(3)  # outside the trainer's forward context, as the sample callbacks and `sample` call it
+    assert samples.shape == (3, 4, 8, 8) and samples.dtype == dtype and torch.isfinite(samples).all()
+
+
 def test_drift_loss_runs_at_highest_matmul_precision_whatever_the_run_sets(tmp_path: Path):
     before = torch.get_float32_matmul_precision()
     try:
