@@ -28,10 +28,16 @@ from drifting_lightning.callbacks.graceful_stop import GracefulStop
 from drifting_lightning.callbacks.progress import StepProgressBar
 from drifting_lightning.callbacks.rng import TrainingRNG
 from drifting_lightning.checkpoints.atomic_io import AtomicCheckpointIO
-from drifting_lightning.checkpoints.resume import resolve_ckpt_path, resolve_last_checkpoint
+from drifting_lightning.checkpoints.resume import (
+    finished_run_notice,
+    resolve_ckpt_path,
+    resolve_last_checkpoint,
+    steps_left,
+)
 from drifting_lightning.commands import UsageError
 from drifting_lightning.commands.config_errors import argparse_error, instantiation_error, null_argument, parse_error
 from drifting_lightning.commands.run_folder import RunConfigCallback, remove_failed_start, run_folder_entries
+from drifting_lightning.console import notice
 
 RESILIENCE_HELP = (
     "Make the run resumable, as every `drifting fit` is unless this is false: a ModelCheckpoint keeps last.ckpt "
@@ -132,6 +138,10 @@ class DriftingCLI(LightningCLI):
         # a resume from last.ckpt runs with the config on the command line (its tensors checked against the checkpoint).
         if self.subcommand == "fit":
             resolve_last_checkpoint(self.config.fit)
+            left = steps_left(self.config.fit)
+            if left is not None and left <= 0:  # before the trainer exists: no run folder, config or event file
+                notice(finished_run_notice(self.config.fit, left))
+                raise SystemExit(0)
 
     def instantiate_classes(self) -> None:
         try:

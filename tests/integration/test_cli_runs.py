@@ -1,6 +1,6 @@
 """`drifting fit` run folders, console and interrupts: a mismatch stops before the first step and leaves no folder,
-a resume keeps the first config, a new run never overwrites another's checkpoints, the console carries no noise,
-and Ctrl-C during start-up is `interrupted` with exit status 130."""
+a resume keeps the first config, a resume of a finished run writes nothing, a new run never overwrites another's
+checkpoints, the console carries no noise, and Ctrl-C during start-up is `interrupted` with exit status 130."""
 
 from __future__ import annotations
 
@@ -89,6 +89,13 @@ def test_a_refused_resume_adds_nothing_to_the_run_folder(tmp_path: Path):
                            "--model.generator.init_args.hidden", "[64]")  # fmt: skip
     assert refused.returncode == 1 and "different model config" in refused.stderr
     assert sorted(tmp_path.rglob("*")) == before  # no config.resume-1.yaml of a run that never ran, no event file
+    # a finished run (a preemptible job's command run once more): nothing to train, said so, nothing written
+    run = tmp_path / "checkerboard" / "version_0"
+    finished = run_drifting(*common, "--trainer.max_steps", "2", "--ckpt_path", str(run))
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert (f"{run / 'checkpoints' / 'last.ckpt'} is at step 2: the run already reached --trainer.max_steps 2, so "
+            "there is nothing to train. To train further, raise it (e.g. --trainer.max_steps 4)") in finished.stderr
+    assert sorted(tmp_path.rglob("*")) == before
 
 
 def _interrupt(process, after: str | None) -> tuple[int, str]:
