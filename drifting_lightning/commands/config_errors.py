@@ -32,6 +32,7 @@ _UNKNOWN_KEY = re.compile(r"^Option '([^']+)' is not accepted")
 _EXPECTED = re.compile(r"^Expected a <class '(\w+)'>\. Got value: (.*)$", re.S)
 _EXPECTED_LIST = re.compile(r"^Expected a <class '(?:collections\.abc\.Sequence|list|tuple)'>\. Got value: (.*)$", re.S)
 _EXPECTED_LITERAL = re.compile(r"^Expected a typing\.Literal\[(.*)\]\. Got value: (.*)$", re.S)
+_ABSTRACT = re.compile(r"^Expected an instantiatable class, but (?:[\w]+\.)*(\w+) is abstract")
 _BY_INDEX = re.compile(r"unrecognized arguments: --(\d+\.\S*)")
 _TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
 
@@ -92,6 +93,9 @@ def parse_error(message: str, err: BaseException | None) -> str | None:
         return f"{key}: expected a list, got {value!r}; in brackets, e.g. --{key} '[{value}]'"
     if match := _EXPECTED_LITERAL.match(root):
         return f"{key}: expected one of {match.group(1)}, got {match.group(2).strip()!r}"
+    if (match := _ABSTRACT.match(root)) and expected is not None:
+        label, names = registry.choices(expected)
+        return f"{key}: {match.group(1)} is a base class; choose one of the {label}s: {', '.join(names)}"
     if match := _BY_INDEX.search(root):
         option = f"--{key}.{match.group(1).split('=')[0]}"
         return (f"{key}: list elements cannot be set by index on the command line ({option}); set them in a "
@@ -167,7 +171,7 @@ def instantiation_error(err: BaseException, config: Any) -> BaseException | None
         return None
     tree = config.as_dict() if hasattr(config, "as_dict") else config
     found = list(_find_class(tree, classes[-1], []))
-    where = found[0] if len(found) == 1 else classes[-1].rsplit(".", 1)[-1]
+    where = _raising_component(root, tree) or (found[0] if len(found) == 1 else classes[-1].rsplit(".", 1)[-1])
     if isinstance(root, FileNotFoundError):
         return FileNotFoundError(f"{where}: {str(root).strip()}")
     return ValueError(f"{where}: {str(root).strip()}") if isinstance(root, (ValueError, TypeError)) else root
@@ -184,6 +188,31 @@ def null_argument(config: Any) -> str | None:
         if hint is not None and not _admits_none(hint):
             return f"{key}: expected {_type_words(hint)}, got null ({cls.__name__} needs a value here)"
     return None
+
+
+def base_class_named(config: Any) -> str | None:
+    """One line for the first component in ``config`` (a parsed config) that is the base class of its kind
+    (``--model.loss.kernel Kernel``): a base builds, but fails at the first step on its unimplemented method."""
+    tree = config.as_dict() if hasattr(config, "as_dict") else config
+    bases = {base: kind for kind, base in registry.kinds().items()}
+    for key, class_path in _class_paths(tree, []):
+        cls = _import(class_path)
+        if cls in bases:
+            label, names = registry.choices(cls)
+            return f"{key}: {cls.__name__} is a base class; choose one of the {label}s: {', '.join(names)}"
+    return None
+
+
+def _class_paths(node: Any, keys: list[str]) -> Iterator[tuple[str, str]]:
+    """(key, class_path) of every component in a config tree, depth first."""
+    if isinstance(node, dict):
+        if isinstance(node.get("class_path"), str):
+            yield ".".join(keys), node["class_path"]
+        for k, v in node.items():
+            yield from _class_paths(v, keys if k == "init_args" else [*keys, str(k)])
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _class_paths(v, [*keys[:-1], f"{keys[-1]}[{i}]"] if keys else [f"[{i}]"])
 
 
 def _null_init_args(node: Any, keys: list[str]) -> Iterator[tuple[str, type, str]]:
@@ -234,6 +263,21 @@ def _type_words(hint: Any) -> str:
     if inspect.isclass(hint):
         return _TYPE_WORDS.get(hint.__name__, f"a {hint.__name__}")
     return "a value"
+
+
+def _raising_component(err: BaseException, tree: Any) -> str | None:
+    """The config key of the component whose constructor raised ``err``: the outermost constructor in its traceback
+    that the config names once. jsonargparse's error names only the top-level class (``model``) when a nested
+    component (``model.generator``) refused its arguments."""
+    tb = err.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self") if tb.tb_frame.f_code.co_name == "__init__" else None
+        if owner is not None:
+            found = list(_find_class(tree, f"{type(owner).__module__}.{type(owner).__qualname__}", []))
+            if len(found) == 1:
+                return found[0]
+        tb = tb.tb_next
+    return None
 
 
 def _find_class(node: Any, class_path: str, keys: list[str]) -> Iterator[str]:

@@ -35,7 +35,13 @@ from drifting_lightning.checkpoints.resume import (
     steps_left,
 )
 from drifting_lightning.commands import UsageError
-from drifting_lightning.commands.config_errors import argparse_error, instantiation_error, null_argument, parse_error
+from drifting_lightning.commands.config_errors import (
+    argparse_error,
+    base_class_named,
+    instantiation_error,
+    null_argument,
+    parse_error,
+)
 from drifting_lightning.commands.run_folder import RunConfigCallback, remove_failed_start, run_folder_entries
 from drifting_lightning.console import notice
 
@@ -128,7 +134,8 @@ class DriftingCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
-        if (message := null_argument(self.config[subcommand] if subcommand else self.config)) is not None:
+        section = self.config[subcommand] if subcommand else self.config
+        if (message := null_argument(section) or base_class_named(section)) is not None:
             raise UsageError(message)
         if subcommand:
             resolve_ckpt_path(self.config[subcommand])

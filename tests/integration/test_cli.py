@@ -215,7 +215,14 @@ KERNELS = "Cauchy, Gaussian, InverseMultiquadric, Laplace"
         (["--model.loss.field", "MMD", "--model.loss.field.normalization", "both"],
          "error: model.loss.field.normalization: MMD takes no arguments"),
         (["--data", "ImageDataModule"],
-         "error: data: Expected an instantiatable class, but ImageDataModule is abstract"),
+         "error: data: ImageDataModule is a base class; choose one of the data modules: DigitsDataModule, "
+         "IDXDataModule,"),
+        (["--model.loss.kernel", "Kernel"],
+         "error: model.loss.kernel: Kernel is a base class; choose one of the kernels: Cauchy, Gaussian,"),
+        (["--model.generator", "Generator"],
+         "error: model.generator: Generator is a base class; choose one of the generators: DiT, MLPGenerator"),
+        (["--model.loss.field", "MeanShift", "--model.loss.field.affinity_floor", "-1"],
+         "error: model.loss.field: affinity_floor must be >= 0, got -1.0"),
     ],
 )  # fmt: skip
 def test_a_bad_name_key_or_value_on_the_command_line_is_one_short_error(args, expected):
@@ -223,6 +230,13 @@ def test_a_bad_name_key_or_value_on_the_command_line_is_one_short_error(args, ex
     line = error_of(out)
     assert line.startswith(expected), line
     assert "DriftingModule" not in line or "generated_per_grup" in line  # no hint from another kind
+
+
+def test_a_nested_component_that_refuses_its_arguments_is_named_by_its_key():
+    # jsonargparse's error names only the top-level class (model) when the generator inside it refuses its preset
+    digits = str(REPO / "configs" / "digits.yaml")
+    line = error_of(run_drifting("fit", "--config", digits, "--model.generator.init_args.preset", "tiniest"))
+    assert line.startswith("error: model.generator: unknown DiT preset 'tiniest'; valid presets: B/2, L/2"), line
 
 
 def test_an_argument_of_a_component_the_config_leaves_at_its_default_says_to_name_one():
