@@ -175,8 +175,9 @@ def _show(default: object) -> str:
 
 
 def suggest(name: str, options: Iterable[str]) -> str:
-    """"did you mean 'X'?" for a mistyped name among ``options``, or ''."""
-    close = difflib.get_close_matches(name, list(options), n=3, cutoff=0.6)
+    """"did you mean 'X'?" for a mistyped name among ``options`` (at least 70% alike: at 60% "iterations" matched
+    "attraction_scale"), or ''."""
+    close = difflib.get_close_matches(name, list(options), n=3, cutoff=0.7)
     return f"did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
 

@@ -38,3 +38,9 @@ def test_list_shows_the_first_sentence_whole():
     first = "Mean-shift attraction minus repulsion (paper Eq. 11, Alg. 2), the paper's field."
     assert registry.describe(MeanShift)[0] == first
     assert registry.describe(ImageFolderDataModule)[0].endswith("random horizontal flips, read lazily by the workers.")
+
+
+def test_suggestions_are_close_matches_only():
+    fields = ["normalization", "affinity_floor", "attraction_scale", "repulsion_scale"]
+    assert registry.suggest("afinity_floor", fields) == "did you mean 'affinity_floor'?"
+    assert registry.suggest("iterations", fields) == ""  # 62% alike to attraction_scale: no hint beats a wrong one
