@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="the run's config.yaml (default: found beside the checkpoint)")
     parser.add_argument("--num", type=int, default=50000, help="number of samples (50000 for reported FID)")
     parser.add_argument("--alpha", type=float, default=1.0, help="guidance scale (1.0 = no guidance)")
-    parser.add_argument("--out", required=True, help="output .npz path (written atomically)")
+    parser.add_argument("--out", required=True, help="output .npz path (written atomically; .npz added if missing)")
     parser.add_argument("--batch-size", type=int, default=250, help="samples per network evaluation")
     parser.add_argument("--vae", help="export folders of latent generators: the VAE that decodes their samples, a "
                         "local diffusers folder (or a hub id with --allow-hub), e.g. stabilityai/sd-vae-ft-mse")
@@ -177,6 +177,8 @@ def _run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(
             f"--ckpt {args.ckpt} does not exist (drifting fit writes runs/<name>/version_<k>/checkpoints/*.ckpt)"
         )
+    if Path(args.out).suffix.lower() != ".npz":  # as numpy.savez names it; evaluate reads .npz files
+        args.out = f"{args.out}.npz"
     check_output_file(args.out, "samples.npz")
     plot_folder = Path(args.plot).parent if args.plot else None
     for flag, folder in (("--png-dir", args.png_dir), ("--out", Path(args.out).parent), ("--plot", plot_folder)):

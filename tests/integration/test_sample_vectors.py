@@ -48,7 +48,8 @@ def test_vector_samples_are_float_points_and_a_plot(toy_run, tmp_path, capsys):
 
     # an export samples the same points
     assert export.main(["--ckpt", str(toy_run), "--out", str(tmp_path / "export")]) == 0
-    assert sample.main(["--ckpt", str(tmp_path / "export"), "--out", str(tmp_path / "e.npz"), *args]) == 0
+    assert sample.main(["--ckpt", str(tmp_path / "export"), "--out", str(tmp_path / "e"), *args]) == 0
+    assert f"to {tmp_path / 'e.npz'}" in capsys.readouterr().out  # .npz added, as numpy.savez adds it
     with np.load(tmp_path / "e.npz") as f:
         np.testing.assert_array_equal(f["arr_0"], points)
 
