@@ -18,6 +18,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import yaml
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
@@ -105,6 +106,10 @@ class DriftingArgumentParser(LightningArgumentParser):
         return super().parse_args(args, *rest, **kwargs)
 
 
+# Lightning's words for an accelerator that this machine lacks ("gpu", and "cuda" or "mps" by name)
+NO_ACCELERATOR = ("No supported gpu backend found", "since the accelerator is not available")
+
+
 class DriftingCLI(LightningCLI):
     """LightningCLI with any LightningModule / LightningDataModule selected by class name in the config; ``fit``
     is its one subcommand (the module has no validation, test or predict step)."""
@@ -153,6 +158,12 @@ class DriftingCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
+        except MisconfigurationException as err:
+            accelerator = (self.config[self.subcommand] if self.subcommand else self.config).trainer.get("accelerator")
+            if not any(text in str(err) for text in NO_ACCELERATOR) or os.environ.get("DRIFTING_DEBUG"):
+                raise
+            raise UsageError(f"trainer.accelerator {accelerator}: torch sees no such device on this machine; use "
+                             "--trainer.accelerator cpu (or auto, which takes a GPU where there is one)") from None
         except (ValueError, TypeError, FileNotFoundError) as err:
             config = self.config[self.subcommand] if self.subcommand else self.config
             short = instantiation_error(err, config)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tests.integration.cli_helpers import REPO, run_drifting, run_drifting_subprocess
@@ -237,6 +238,15 @@ def test_a_nested_component_that_refuses_its_arguments_is_named_by_its_key():
     digits = str(REPO / "configs" / "digits.yaml")
     line = error_of(run_drifting("fit", "--config", digits, "--model.generator.init_args.preset", "tiniest"))
     assert line.startswith("error: model.generator: unknown DiT preset 'tiniest'; valid presets: B/2, L/2"), line
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(), reason="this machine has one")
+def test_an_accelerator_the_machine_lacks_is_named_with_the_fix(tmp_path: Path):
+    line = error_of(run_drifting("fit", "--config", TOY, "--trainer.accelerator", "gpu",
+                                 "--trainer.default_root_dir", str(tmp_path / "gpu"), *FAST))  # fmt: skip
+    assert line == ("error: trainer.accelerator gpu: torch sees no such device on this machine; use "
+                    "--trainer.accelerator cpu (or auto, which takes a GPU where there is one)")
+    assert not (tmp_path / "gpu").exists()
 
 
 def test_an_argument_of_a_component_the_config_leaves_at_its_default_says_to_name_one():
