@@ -4,6 +4,7 @@ robotics experiment drifts raw action vectors with no encoder)."""
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from drifting_lightning.rng import torch_generator
 
 # Tag of the generator that splits the rows into train and held-out parts.
 _SPLIT_ROWS = 99
+_NUMPY_ROW = re.compile(r" at row (\d+), column (\d+)")  # in numpy.loadtxt's error
 
 
 def _csv_has_header(path: Path) -> bool:
@@ -36,12 +38,18 @@ def load_vectors(path: str | Path) -> np.ndarray:
         raise ValueError(f"{path}: unsupported file type {path.suffix!r}; give a .npy array or a .csv table")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (VectorDataModule needs a .npy or .csv of shape [n, D])")
+    csv = path.suffix.lower() == ".csv"
+    header = csv and _csv_has_header(path)
     try:
-        if path.suffix.lower() == ".npy":
+        if not csv:
             data = np.load(path, allow_pickle=False)
         else:
-            data = np.loadtxt(path, delimiter=",", skiprows=int(_csv_has_header(path)), ndmin=2, dtype=np.float64)
+            data = np.loadtxt(path, delimiter=",", skiprows=int(header), ndmin=2, dtype=np.float64)
     except ValueError as err:  # "from None": the config error shows this message, which holds numpy's
+        if csv and (where := _NUMPY_ROW.search(str(err))):  # numpy counts data rows from 0: say the file's line
+            line = int(where.group(1)) + 1 + int(header)
+            raise ValueError(f"{path}, line {line}, column {where.group(2)}: not a number "
+                             f"({_NUMPY_ROW.sub('', str(err)).rstrip('. ')})") from None
         raise ValueError(f"{path}: cannot read numbers from this file ({err})") from None
     if not np.issubdtype(data.dtype, np.number) or np.issubdtype(data.dtype, np.complexfloating):
         raise ValueError(f"{path}: expected real numbers, got dtype {data.dtype}")
@@ -51,9 +59,10 @@ def load_vectors(path: str | Path) -> np.ndarray:
     bad = ~np.isfinite(data)
     if bad.any():
         rows = np.unique(np.nonzero(bad)[0])
+        first = f"line {int(rows[0]) + 1 + int(header)}" if csv else f"row {int(rows[0])}"
         raise ValueError(
             f"{path}: {int(bad.sum())} non-finite values (NaN/inf) in {len(rows)} rows, "
-            f"first at row {int(rows[0])}; clean or drop them"
+            f"first at {first}; clean or drop them"
         )
     if data.shape[0] < 2 or data.shape[1] < 1:
         raise ValueError(f"{path}: need at least 2 rows and 1 column, got shape {tuple(data.shape)}")
