@@ -153,9 +153,9 @@ def list_image_folder(root: str | Path) -> tuple[np.ndarray, np.ndarray, list[st
 class FolderSource(ImageSource):
     """Images of an ImageFolder-layout directory, read from disk on demand (ADM centre crop, optional flips).
 
-    Only the file list lives in memory. An unreadable image is replaced by a readable one of the same class and
-    counted in ``skipped`` (a counter shared with the DataLoader workers); a warning names each bad file once per
-    process.
+    Only the file list lives in memory. An unreadable image is replaced by a readable one of the same class, each
+    draw of it counted in ``skipped`` (a counter shared with the DataLoader workers); a warning names each bad file
+    once per process.
     """
 
     def __init__(self, root: str | Path, resolution: int = 256, random_flip: bool = True) -> None:

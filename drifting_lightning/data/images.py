@@ -161,7 +161,8 @@ class ImageDataModule(LightningDataModule, ABC):
         if train is not None and train.skipped > self._skips_reported:
             self._skips_reported = train.skipped
             log.warning(
-                "%s: %d unreadable training image(s) skipped so far (each replaced by another image of the same class)",
+                "%s: %d draw(s) of unreadable training images so far, each replaced by a readable image of the same "
+                "class (a bad file counts each time it is drawn; the warnings above name the files)",
                 type(self).__name__,
                 train.skipped,
             )

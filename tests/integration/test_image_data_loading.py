@@ -108,7 +108,7 @@ def test_image_folder_batches_flips_and_corrupt_files(tmp_path, caplog):
             check_batch(batch, 3, 4, 2, (3, 16, 16))
         assert source.skipped >= 4  # counted across the worker processes
         dm.teardown("fit")
-    assert any("unreadable training image" in r.getMessage() for r in caplog.records)
+    assert any("draw(s) of unreadable training images so far" in r.getMessage() for r in caplog.records)
 
     bad = int(np.flatnonzero([f.endswith(b"bee/3.png") for f in source.files])[0])
     x = source.load(np.array([bad]))  # replaced by another image of class bee: grey 60 + j
