@@ -369,7 +369,7 @@ def test_a_table_that_is_not_numbers_is_named_with_the_reason(tmp_path):
     table.write_text("x,y\n1,2\n3,four\n")
     out = run_drifting("fit", "--config", TOY, "--data", "VectorDataModule", "--data.path", str(table), *FAST)
     line = error_of(out)
-    assert line.startswith(f"error: data: {table}: cannot read numbers from this file (could not convert string "
+    assert line.startswith(f"error: data: {table}, line 3, column 2: not a number (could not convert string "
                            "'four'"), line  # fmt: skip
 
 
