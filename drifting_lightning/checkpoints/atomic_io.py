@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -10,8 +11,12 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from drifting_lightning.checkpoints.reading import read_checkpoint
+from drifting_lightning.checkpoints.reading import read_checkpoint, verify_checkpoint_file
 from drifting_lightning.files import atomic_write
+
+# The file in which Lightning's spawn launcher (strategy "ddp_spawn") hands rank 0's weights back to the main process:
+# a bare state dict, not a checkpoint.
+SPAWN_HANDOVER = ".temp.ckpt"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -34,5 +39,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if not isinstance(get_filesystem(path), LocalFileSystem):
             kwargs = {} if map_location is None else {"map_location": map_location}
             return super().load_checkpoint(path, weights_only=weights_only, **kwargs)
+        if Path(path).name == SPAWN_HANDOVER:
+            verify_checkpoint_file(path)
+            return torch.load(path, map_location=map_location, weights_only=weights_only is not False)
         # torch.load's default (weights_only=True) where Lightning leaves it open, as Lightning's own load does.
         return read_checkpoint(path, "cpu" if map_location is None else map_location, weights_only is not False)

@@ -168,3 +168,15 @@ def test_every_fit_trainer_keeps_last_ckpt_and_writes_atomically():
 
     config = {"callbacks": [], "enable_checkpointing": False}
     assert not any(isinstance(c, ModelCheckpoint) for c in harden_trainer(config))
+
+
+def test_the_spawn_launchers_weights_hand_over_is_read_as_the_bare_state_dict_it_is(tmp_path: Path):
+    # strategy "ddp_spawn": rank 0 saves its state dict through the checkpoint IO and the main process loads it back
+    from drifting_lightning.checkpoints.atomic_io import SPAWN_HANDOVER, AtomicCheckpointIO
+
+    io, weights = AtomicCheckpointIO(), {"generator.w": torch.arange(3.0)}
+    io.save_checkpoint(weights, tmp_path / SPAWN_HANDOVER)
+    assert torch.equal(io.load_checkpoint(tmp_path / SPAWN_HANDOVER)["generator.w"], torch.arange(3.0))
+    io.save_checkpoint(weights, tmp_path / "last.ckpt")  # any other file must still be a checkpoint
+    with pytest.raises(RuntimeError, match="holds no model weights"):
+        io.load_checkpoint(tmp_path / "last.ckpt")
