@@ -40,6 +40,12 @@ class MLPGenerator(Generator):
             raise ValueError(f"init must be 'default', 'collapsed' or 'far', got {init!r}")
         if not hidden:
             raise ValueError("hidden must list at least one layer width")
+        for name, value in (("noise_dim", noise_dim), ("output_dim", output_dim), ("hidden", min(hidden))):
+            if value < 1:
+                got = list(hidden) if name == "hidden" else value
+                raise ValueError(f"{name} must be >= 1 (a layer's width), got {got}")
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0 (0: unconditional), got {num_classes}")
         self.noise_shape = (noise_dim,)
         self.sample_shape = (output_dim,)
         self.num_classes = num_classes
@@ -71,6 +77,7 @@ class MLPGenerator(Generator):
             self.head.bias.copy_(torch.tensor(point, dtype=self.head.bias.dtype))
 
     def forward(self, noise: Tensor, labels: Tensor | None = None, alpha: Tensor | None = None) -> Tensor:
+        noise = noise.to(self.head.weight.dtype)  # float32 noise into a bf16 or float64 ("-true") model
         h = noise
         if self.class_embedding is not None:
             if labels is None:

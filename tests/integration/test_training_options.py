@@ -3,6 +3,7 @@ torch.compile and activation checkpointing from YAML, NaN/Inf gradients by polic
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -79,6 +80,23 @@ def test_true_precisions_train_and_sample_a_dit(tmp_path: Path, precision: str, 
     assert all(p.dtype == dtype for p in module.generator.parameters())
     samples = module.sample(3)  # outside the trainer's forward context, as the sample callbacks and `sample` call it
     assert samples.shape == (3, 4, 8, 8) and samples.dtype == dtype and torch.isfinite(samples).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_an_mlp_with_true_precision_weights_takes_float32_noise(dtype: torch.dtype):
+    generator = MLPGenerator(hidden=[8], num_classes=2).to(dtype)  # as a "-true" precision leaves it
+    out = generator(torch.randn(3, 32), labels=torch.tensor([0, 1, 0]), alpha=torch.ones(3))
+    assert out.dtype == dtype and out.shape == (3, 2)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ({"hidden": [8, 0]}, "hidden must be >= 1 (a layer's width), got [8, 0]"),
+    ({"noise_dim": 0}, "noise_dim must be >= 1"),
+    ({"num_classes": -1}, "num_classes must be >= 0"),
+])  # fmt: skip
+def test_an_mlp_refuses_empty_layers(args: dict, message: str):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        MLPGenerator(**args)
 
 
 def test_drift_loss_runs_at_highest_matmul_precision_whatever_the_run_sets(tmp_path: Path):
