@@ -27,6 +27,7 @@ from drifting_lightning import registry
 from drifting_lightning.callbacks.epoch_boundary import EpochBoundaryResume
 from drifting_lightning.callbacks.graceful_stop import GracefulStop
 from drifting_lightning.callbacks.progress import StepProgressBar
+from drifting_lightning.callbacks.resume_logs import PurgeLogsAfterCheckpoint
 from drifting_lightning.callbacks.rng import TrainingRNG
 from drifting_lightning.checkpoints.atomic_io import AtomicCheckpointIO
 from drifting_lightning.checkpoints.resume import (
@@ -58,14 +59,14 @@ RESILIENCE_HELP = (
 def harden_trainer(config: dict[str, Any]) -> list[Callback]:
     """Make the Trainer arguments ``config`` resumable; returns the callbacks to add.
 
-    Adds ``TrainingRNG``, ``GracefulStop`` and ``EpochBoundaryResume``; makes sure a ModelCheckpoint keeps
-    ``last.ckpt`` unless ``enable_checkpointing`` is false: turns on ``save_last`` of the first configured one, or
-    (none configured) adds ``ModelCheckpoint(filename="last", enable_version_counter=False)``, which overwrites the one
-    file last.ckpt at every epoch end and when training stops (``save_last`` alone would write each checkpoint twice,
-    under its epoch-step name and as last.ckpt). Uses ``AtomicCheckpointIO`` unless a CheckpointIO plugin is
-    configured.
+    Adds ``TrainingRNG``, ``GracefulStop``, ``EpochBoundaryResume`` and ``PurgeLogsAfterCheckpoint``; makes sure a
+    ModelCheckpoint keeps ``last.ckpt`` unless ``enable_checkpointing`` is false: turns on ``save_last`` of the first
+    configured one, or (none configured) adds ``ModelCheckpoint(filename="last", enable_version_counter=False)``,
+    which overwrites the one file last.ckpt at every epoch end and when training stops (``save_last`` alone would
+    write each checkpoint twice, under its epoch-step name and as last.ckpt). Uses ``AtomicCheckpointIO`` unless a
+    CheckpointIO plugin is configured.
     """
-    added: list[Callback] = [TrainingRNG(), GracefulStop(), EpochBoundaryResume()]
+    added: list[Callback] = [TrainingRNG(), GracefulStop(), EpochBoundaryResume(), PurgeLogsAfterCheckpoint()]
     configured = config.get("callbacks") or []
     checkpoints = [c for c in (configured if isinstance(configured, list) else [configured])
                    if isinstance(c, ModelCheckpoint)]  # fmt: skip

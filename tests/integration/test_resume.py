@@ -110,6 +110,24 @@ def test_resume_from_last_matches_the_uninterrupted_run(tmp_path: Path):
     assert losses(run) == curve
 
 
+def test_a_resume_after_a_kill_drops_the_steps_logged_past_the_checkpoint(tmp_path: Path):
+    """A kill after step 9 with last.ckpt at step 6 (made here by putting the step-6 checkpoint back after a run to
+    12): the resume logs steps 7-11 again (the same values: resumes are exact), and TensorBoard shows each step once."""
+    every_2 = ("--trainer.log_every_n_steps", "2")  # training scalars at 1, 3, 5 | 7, 9, 11 (the step count before)
+    assert run_drifting(*toy(tmp_path, 6, *every_2)).returncode == 0
+    run = tmp_path / "toy" / "version_0"
+    last = run / "checkpoints" / "last.ckpt"
+    at_6 = last.read_bytes()
+    assert run_drifting(*toy(tmp_path, 12, *every_2, "--ckpt_path", "last")).returncode == 0
+    last.write_bytes(at_6)
+    resumed = run_drifting(*toy(tmp_path, 12, *every_2, "--ckpt_path", "last"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    events = EventAccumulator(str(run))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("train/loss")]
+    assert steps == [1, 3, 5, 7, 9, 11]  # not 1, 3, 5, 7, 9, 11, 7, 9, 11
+
+
 def test_digits_resume_continues_queue_sampler_and_guidance(tmp_path: Path):
     """The class-conditional path (DiT, guidance alpha, MoCo-style class queues): 4 steps straight vs 2 + resume."""
     args = [*DIGITS_ARGS, "--data.init_args.steps_per_epoch", "3", "--data.init_args.positives", "ClassQueue",

@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from drifting_lightning.callbacks.epoch_boundary import EpochBoundaryResume
 from drifting_lightning.callbacks.graceful_stop import GracefulStop
+from drifting_lightning.callbacks.resume_logs import PurgeLogsAfterCheckpoint
 from drifting_lightning.callbacks.rng import TrainingRNG
 from drifting_lightning.checkpoints.atomic_io import AtomicCheckpointIO
 from drifting_lightning.checkpoints.reading import CheckpointError, verify_checkpoint_file
@@ -157,8 +158,9 @@ def test_ckpt_path_last_without_a_checkpoint_starts_a_new_run(tmp_path: Path, ca
 def test_every_fit_trainer_keeps_last_ckpt_and_writes_atomically():
     config: dict = {"callbacks": None, "plugins": None}
     added = harden_trainer(config)
-    assert [type(c) for c in added] == [TrainingRNG, GracefulStop, EpochBoundaryResume, ModelCheckpoint]
-    assert added[3].filename == "last" and isinstance(config["plugins"][0], AtomicCheckpointIO)
+    assert [type(c) for c in added] == [TrainingRNG, GracefulStop, EpochBoundaryResume, PurgeLogsAfterCheckpoint,
+                                        ModelCheckpoint]  # fmt: skip
+    assert added[4].filename == "last" and isinstance(config["plugins"][0], AtomicCheckpointIO)
 
     mine = ModelCheckpoint(every_n_train_steps=100)  # configured without save_last: it gets save_last
     config = {"callbacks": [mine], "plugins": ["bf16-mixed"]}
