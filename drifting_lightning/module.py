@@ -102,7 +102,7 @@ class DriftingModule(pl.LightningModule):
         self.loss = loss if loss is not None else DriftingLoss()
         self.encoder = (encoder if encoder is not None else Identity()).freeze()
         self.guidance = guidance
-        self._step_started = 0.0
+        self._step_started = self._step_ended = 0.0  # the step's own work, without the callbacks at its end
         self._step_sizes = (0, 0, 0)  # class groups, N_pos, N_unc of the current step, for the out-of-memory advice
         self._noise_seed: int | None = None  # base of the per-group noise streams, set by on_fit_start
         self._group_generator: torch.Generator | None = None  # re-seeded for every class group's stream
@@ -262,6 +262,7 @@ class DriftingModule(pl.LightningModule):
         # ModelCheckpoint(every_n_train_steps) saves, before the module's, and a checkpoint must hold its step's EMA.
         if self._updates and not scaler_skipped:
             self._update_ema()
+        self._step_ended = time.perf_counter()
 
     def setup(self, stage: str) -> None:
         precision = self.hparams.float32_matmul_precision
@@ -291,7 +292,7 @@ class DriftingModule(pl.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not self._skipped:
             self._skips.in_a_row = 0
-        elapsed = time.perf_counter() - self._step_started
+        elapsed = self._step_ended - self._step_started  # < 0 when no optimiser step ended in this batch
         if elapsed > 0:
             per_step = batch["positives"].shape[0] * self.hparams.generated_per_group
             self.log("train/samples_per_s", per_step / elapsed)

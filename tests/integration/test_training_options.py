@@ -4,6 +4,7 @@ torch.compile and activation checkpointing from YAML, NaN/Inf gradients by polic
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -97,6 +98,17 @@ def test_an_mlp_with_true_precision_weights_takes_float32_noise(dtype: torch.dty
 def test_an_mlp_refuses_empty_layers(args: dict, message: str):
     with pytest.raises(ValueError, match=re.escape(message)):
         MLPGenerator(**args)
+
+
+class _SlowCallback(pl.Callback):
+    def on_train_batch_end(self, *args) -> None:
+        time.sleep(0.5)  # an evaluation at the end of the step
+
+
+def test_samples_per_second_leave_out_the_callbacks_at_the_step_end(tmp_path: Path):
+    module = DriftingModule(MLPGenerator(hidden=[32]), generated_per_group=8)
+    trainer = _fit(module, tmp_path, steps=3, callbacks=[_SlowCallback()])
+    assert trainer.callback_metrics["train/samples_per_s"] > 8 / 0.5  # one group of 8 in well under the 0.5 s
 
 
 def test_drift_loss_runs_at_highest_matmul_precision_whatever_the_run_sets(tmp_path: Path):
