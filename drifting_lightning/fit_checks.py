@@ -23,10 +23,21 @@ def check_parts_fit(
     """Every check below for a DriftingModule's parts against ``trainer.datamodule``, before the first step. The
     encoder runs in the training precision's forward context, as in training (bf16-true weights take bf16 input)."""
     datamodule = trainer.datamodule
+    check_precision_trains(str(trainer.precision))
     check_generator_fits_data(generator, datamodule)
     with trainer.precision_plugin.forward_context():
         check_encoder_fits_data(encoder, datamodule, device)
     check_guidance_has_negatives(guidance, datamodule)
+
+
+def check_precision_trains(precision: str) -> None:
+    """Refuse "16-true": float16 weights with AdamW's state in float16 (its eps of 1e-8 is 0 there) turn NaN at the
+    first update, which the NaN check would then blame on the learning rate."""
+    if precision == "16-true":
+        raise ValueError(
+            "trainer.precision 16-true: float16 weights and AdamW state break at the first update (its eps of 1e-8 "
+            "is 0 in float16); use 16-mixed (float32 weights, float16 compute), bf16-mixed or bf16-true"
+        )
 
 
 def check_generator_fits_data(generator: nn.Module, datamodule: Any) -> None:

@@ -7,7 +7,7 @@ import torch
 
 from drifting_lightning.encoders.base import FeatureEncoder, Identity
 from drifting_lightning.encoders.resnet_mae import ResNetConfig, ResNetMAE
-from drifting_lightning.fit_checks import check_encoder_fits_data, check_generator_fits_data
+from drifting_lightning.fit_checks import check_encoder_fits_data, check_generator_fits_data, check_precision_trains
 from drifting_lightning.models.dit import DiT
 from drifting_lightning.models.mlp import MLPGenerator
 
@@ -118,3 +118,10 @@ def test_the_encoder_check_runs_in_the_precision_of_training():
         check_encoder_fits_data(encoder, Data((1, 8, 8), 10), torch.device("cpu"))
     with HalfPrecision("bf16-true").forward_context():  # what DriftingModule.on_fit_start wraps the check in
         check_encoder_fits_data(encoder, Data((1, 8, 8), 10), torch.device("cpu"))
+
+
+def test_float16_weights_are_refused_before_they_turn_nan():
+    check_precision_trains("16-mixed")
+    check_precision_trains("bf16-true")
+    with pytest.raises(ValueError, match="trainer.precision 16-true: .* use 16-mixed"):
+        check_precision_trains("16-true")
