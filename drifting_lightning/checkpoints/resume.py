@@ -35,8 +35,9 @@ VERSION = re.compile(r"^version_\d+$")  # the version folders of TensorBoard and
 
 def resolve_ckpt_path(config: Namespace) -> None:
     """Check the ``ckpt_path`` of a parsed subcommand section ``config``: a file must be a complete checkpoint; a run
-    folder becomes its newest ``last.ckpt``, and the run logs into that folder as with "last". Keywords ("last",
-    "best", "hpc"), registry names, remote URLs and sharded checkpoint folders are left to Lightning."""
+    folder becomes its newest ``last.ckpt``; either way the run logs into the checkpoint's run folder as with "last".
+    Keywords ("last", "best", "hpc"), registry names, remote URLs and sharded checkpoint folders are left to
+    Lightning."""
     ckpt_path = config.get("ckpt_path")
     if not ckpt_path or ckpt_path in ("last", "best", "hpc") or "://" in ckpt_path or ckpt_path.startswith("registry:"):
         return
@@ -48,6 +49,7 @@ def resolve_ckpt_path(config: Namespace) -> None:
             notice(f"--ckpt_path {ckpt_path} is a run folder: resuming from {last}")
         return
     verify_checkpoint_file(ckpt_path)
+    _log_into_run_of(config, Path(ckpt_path))  # a file of runs/<name>/version_<k>/checkpoints/ continues that run
 
 
 def steps_left(config: Namespace) -> int | None:

@@ -17,7 +17,7 @@ from drifting_lightning.callbacks.resume_logs import PurgeLogsAfterCheckpoint
 from drifting_lightning.callbacks.rng import TrainingRNG
 from drifting_lightning.checkpoints.atomic_io import AtomicCheckpointIO
 from drifting_lightning.checkpoints.reading import CheckpointError, verify_checkpoint_file
-from drifting_lightning.checkpoints.resume import resolve_last_checkpoint
+from drifting_lightning.checkpoints.resume import resolve_ckpt_path, resolve_last_checkpoint
 from drifting_lightning.checkpoints.states import check_state_fits
 from drifting_lightning.commands.fit import harden_trainer
 from drifting_lightning.models.mlp import MLPGenerator
@@ -115,6 +115,23 @@ def _touch(path: Path, mtime: float) -> Path:
     path.write_bytes(b"")
     os.utime(path, (mtime, mtime))
     return path
+
+
+def test_an_explicit_checkpoint_of_a_run_continues_that_run(tmp_path: Path):
+    runs = tmp_path / "runs"
+    step = runs / "toy" / "version_3" / "checkpoints" / "epoch=1-step=200.ckpt"
+    step.parent.mkdir(parents=True)
+    torch.save({"state_dict": {}}, step)
+    config = _fit_config(tmp_path, _tensorboard(runs))
+    config.ckpt_path = str(step)
+    resolve_ckpt_path(config)
+    assert config.ckpt_path == str(step) and config.trainer.logger.init_args.version == 3  # not a new version_4
+    elsewhere = tmp_path / "saved.ckpt"  # a checkpoint outside the logger's folders leaves the logger alone
+    torch.save({"state_dict": {}}, elsewhere)
+    config = _fit_config(tmp_path, _tensorboard(runs))
+    config.ckpt_path = str(elsewhere)
+    resolve_ckpt_path(config)
+    assert config.trainer.logger.init_args.version is None
 
 
 def test_ckpt_path_last_finds_the_newest_last_ckpt_and_reuses_its_version(tmp_path: Path):
