@@ -202,7 +202,13 @@ class DriftingCLI(LightningCLI):
 
 
 def check_config_files(argv: Sequence[str]) -> None:
-    """Every ``--config``/``-c`` file exists and is valid YAML; the error names the file and the line."""
+    """Every ``--config``/``-c`` file exists and is valid YAML; the error names the file and the line. Options before
+    the first config are refused: jsonargparse applies arguments in order, so the file would override them."""
+    first = next((i for i, a in enumerate(argv) if a in ("--config", "-c") or a.startswith("--config=")), None)
+    early = [a for a in argv[:first] if a.startswith("-") and not a.startswith(("--print_config", "-h", "--help"))]
+    if first is not None and early:
+        raise UsageError(f"{early[0].split('=')[0]} comes before --config: arguments apply in order, so the config "
+                         f"file would override it; put --config first (drifting fit --config FILE {early[0]} ...)")
     for i, arg in enumerate(argv):
         if arg in ("--config", "-c") and i + 1 < len(argv):
             path = argv[i + 1]

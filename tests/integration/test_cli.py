@@ -381,3 +381,12 @@ def test_our_callbacks_go_by_class_name_on_the_command_line():
     added = yaml.safe_load(out.stdout)["trainer"]["callbacks"][-1]
     assert added["class_path"] == "drifting_lightning.callbacks.frechet.FrechetCallback"
     assert added["init_args"]["metric"] == "classifier"
+
+
+def test_an_option_before_the_config_is_refused_as_the_file_would_override_it():
+    out = run_drifting("fit", "--trainer.max_steps", "5", "--config", TOY)
+    assert error_of(out) == ("error: --trainer.max_steps comes before --config: arguments apply in order, so the "
+                             "config file would override it; put --config first (drifting fit --config FILE "
+                             "--trainer.max_steps ...)")  # fmt: skip
+    printed = run_drifting("fit", "--print_config", "--config", TOY)  # not an option of the run
+    assert printed.returncode == 0 and "max_steps: 1500" in printed.stdout
