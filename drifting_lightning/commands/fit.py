@@ -249,6 +249,8 @@ def quiet_console() -> None:
         r"Found \d+ module\(s\) in eval mode",
         # The training streams have an exact __len__: they split their steps among workers.
         r"Your `IterableDataset` has `__len__` defined",
+        # A sharded (FSDP2) last.ckpt folder is rewritten at every save on purpose; torch says so once per rank.
+        r"Detected an existing checkpoint in .*, overwriting since self.overwrite=True",
     )
     for message in quiet:
         warnings.filterwarnings("ignore", message=message)
