@@ -34,6 +34,7 @@ _EXPECTED_LIST = re.compile(r"^Expected a <class '(?:collections\.abc\.Sequence|
 _EXPECTED_LITERAL = re.compile(r"^Expected a typing\.Literal\[(.*)\]\. Got value: (.*)$", re.S)
 _ABSTRACT = re.compile(r"^Expected an instantiatable class, but (?:[\w]+\.)*(\w+) is abstract")
 _BY_INDEX = re.compile(r"unrecognized arguments: --(\d+\.\S*)")
+_UNRECOGNIZED = re.compile(r"unrecognized arguments: --([A-Za-z_]\w*)[.=]")  # a component's argument, mistyped
 _TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
 
 
@@ -100,6 +101,8 @@ def parse_error(message: str, err: BaseException | None) -> str | None:
         option = f"--{key}.{match.group(1).split('=')[0]}"
         return (f"{key}: list elements cannot be set by index on the command line ({option}); set them in a "
                 f"config file (--config), or give the whole list: --{key} '[...]'")
+    if (match := _UNRECOGNIZED.search(root)) and classes:
+        return _unknown_key(keys, match.group(1), classes[-1])
     if key:  # the reason may follow on the next lines ("Problem with given class_path ...:\n  <reason>")
         return f"{key}: " + " ".join(line.strip() for line in root.splitlines() if line.strip())
     return None

@@ -218,6 +218,8 @@ KERNELS = "Cauchy, Gaussian, InverseMultiquadric, Laplace"
         (["--data", "ImageDataModule"],
          "error: data: ImageDataModule is a base class; choose one of the data modules: DigitsDataModule, "
          "IDXDataModule,"),
+        (["--model.loss.feild.normalization", "both"],
+         "error: model.loss.feild: DriftingLoss has no argument 'feild'; did you mean 'field'? Its arguments:"),
         (["--model.loss.kernel", "Kernel"],
          "error: model.loss.kernel: Kernel is a base class; choose one of the kernels: Cauchy, Gaussian,"),
         (["--model.generator", "Generator"],
