@@ -82,6 +82,10 @@ def parse_error(message: str, err: BaseException | None) -> str | None:
     if name is None and isinstance(levels[-1], (AttributeError, ModuleNotFoundError)) and classes:
         name = classes[-1]  # a full class path whose module or class does not exist
     expected = _import(base) if base else _argument_type(owner, keys[-1]) if owner and keys else None
+    if expected is None and key == "trainer.callbacks":  # the Trainer's list takes callbacks of any class
+        from lightning.pytorch.callbacks import Callback
+
+        expected = Callback
     if name is not None and expected is not None:
         return _unknown_name(key, name, expected)
     if match := _EXPECTED.match(root):
@@ -151,6 +155,12 @@ def _unknown_key(keys: list[str], option: str, class_path: str | None) -> str:
     )
 
 
+def _trainer_arguments() -> list[str]:
+    import lightning.pytorch as pl
+
+    return list(inspect.signature(pl.Trainer.__init__).parameters)[1:]
+
+
 def argparse_error(message: str, options: list[str]) -> str | None:
     """One line for argparse's own errors: an unknown option (with the closest options of the parser), missing
     required sections (with how to give them)."""
@@ -158,6 +168,12 @@ def argparse_error(message: str, options: list[str]) -> str | None:
         first = message.split(":", 1)[1].split()[0]
         hint = registry.suggest(first.split("=", 1)[0], options)
         return f"unknown option {first}{'; ' + hint if hint else ''} (see `drifting fit --help`)"
+    if match := re.match(r"Subcommand '\w+' does not accept option '([\w.]+)'", message):  # a key in a config file
+        key = match.group(1)
+        section, _, name = key.partition(".")
+        known = [f"{section}.{p}" for p in _trainer_arguments()] if section == "trainer" and name else options
+        hint = registry.suggest(key, known)
+        return f"{key}: no such option{'; ' + hint if hint else ''} (see `drifting fit --help`)"
     if message.startswith("the following arguments are required:"):
         return f"{message.strip()}: give them in a config, e.g. --config configs/toy/checkerboard.yaml (see configs/)"
     return None

@@ -107,6 +107,10 @@ class DriftingArgumentParser(LightningArgumentParser):
         return super().parse_args(args, *rest, **kwargs)
 
 
+# The top-level keys of a `drifting fit` config (what --print_config writes).
+CONFIG_SECTIONS = ("seed_everything", "trainer", "model", "data", "resilience", "optimizer", "lr_scheduler",
+                   "ckpt_path", "weights_only")  # fmt: skip
+
 # Lightning's words for an accelerator that this machine lacks ("gpu", and "cuda" or "mps" by name)
 NO_ACCELERATOR = ("No supported gpu backend found", "since the accelerator is not available")
 
@@ -234,6 +238,11 @@ def check_config_files(argv: Sequence[str]) -> None:
         if not isinstance(content, dict):
             raise ValueError(f"config file {path} holds a {type(content).__name__}, not keys: a config is a mapping "
                              "of sections (model:, data:, trainer:)")
+        unknown = [str(k) for k in content if k not in CONFIG_SECTIONS]
+        if unknown:  # jsonargparse would drop a mistyped section without a word
+            hint = registry.suggest(unknown[0], CONFIG_SECTIONS)
+            raise ValueError(f"config file {path}: unknown section {unknown[0]!r}; {hint + ' A' if hint else 'a'} fit "
+                             f"config holds {', '.join(CONFIG_SECTIONS)}")
 
 
 def quiet_console() -> None:

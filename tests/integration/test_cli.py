@@ -87,6 +87,20 @@ def test_a_config_file_that_holds_no_config_is_named(tmp_path: Path, content, ex
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize(("content", "expected"), [
+    ("modle:\n  init_args: {}\n", "config file {path}: unknown section 'modle'; did you mean 'model'? A fit config "
+                                 "holds seed_everything, trainer, model, data,"),
+    ("trainer:\n  max_step: 10\n", "trainer.max_step: no such option; did you mean 'trainer.max_steps'"),
+    ("trainer:\n  callbacks:\n    - class_path: ScatterPlotCalback\n",
+     "trainer.callbacks: unknown Callback 'ScatterPlotCalback'; did you mean 'ScatterPlotCallback'? Choose from"),
+])  # fmt: skip
+def test_a_mistyped_key_or_class_in_a_config_file_is_named_with_a_suggestion(tmp_path: Path, content, expected):
+    path = tmp_path / "override.yaml"
+    path.write_text(content)
+    line = error_of(run_drifting("fit", "--config", TOY, "--config", str(path)))
+    assert line.startswith("error: " + expected.format(path=path)), line
+
+
 def test_swap_kernel_and_field_by_short_name_and_fit_writes_outputs(tmp_path: Path):
     out = run_drifting(
         "fit", "--config", TOY, *FAST,
