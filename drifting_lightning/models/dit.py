@@ -216,9 +216,11 @@ class DiT(Generator):
         cfg = {**DIT_PRESETS[preset], **{k: v for k, v in zip(_ARCH, given, strict=True) if v is not None}}
         size, chans, p, dim, heads = (cfg[k] for k in ("input_size", "in_channels", "patch_size", "hidden_size",
                                                        "num_heads"))  # fmt: skip
-        for key in ("input_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio"):
+        for key in ("input_size", "in_channels", "patch_size", "hidden_size", "num_heads", "mlp_ratio"):
             if not cfg[key] > 0:
                 raise ValueError(f"{key} must be > 0, got {cfg[key]}")
+        if cfg["depth"] < 0:  # 0 blocks: each patch token alone (a test of the layout)
+            raise ValueError(f"depth must be >= 0, got {cfg['depth']}")
         cond_dim = dim if cond_dim is None else cond_dim
         if size % p != 0:
             raise ValueError(f"input_size={size} is not divisible by patch_size={p}")

@@ -187,7 +187,7 @@ def test_rope_depends_on_relative_position_only():
         ({"preset": "tiny", "num_context_tokens": -1}, "num_context_tokens"),
         ({"preset": "tiny", "init_output_std": -0.1}, "init_output_std"),
         ({"preset": "tiny", "hidden_size": 0}, "hidden_size must be > 0, got 0"),
-        ({"preset": "tiny", "depth": 0}, "depth must be > 0, got 0"),
+        ({"preset": "tiny", "depth": -1}, "depth must be >= 0, got -1"),
         ({"preset": "tiny", "mlp_ratio": -1.0}, "mlp_ratio must be > 0"),
     ],
 )
