@@ -95,6 +95,8 @@ def parse_error(message: str, err: BaseException | None) -> str | None:
         return f"{key}: expected {wanted}, got {match.group(2).strip()!r}"
     if match := _EXPECTED_LIST.match(root):
         value = match.group(1).strip()
+        if value.startswith("["):  # brackets that do not close, or a stray comma
+            return f"{key}: {value!r} is not a complete list; e.g. --{key} '[{value.strip('[], ')}]'"
         return f"{key}: expected a list, got {value!r}; in brackets, e.g. --{key} '[{value}]'"
     if match := _EXPECTED_LITERAL.match(root):
         return f"{key}: expected one of {match.group(1)}, got {match.group(2).strip()!r}"

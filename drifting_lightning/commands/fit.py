@@ -115,6 +115,17 @@ CONFIG_SECTIONS = ("seed_everything", "trainer", "model", "data", "resilience", 
 NO_ACCELERATOR = ("No supported gpu backend found", "since the accelerator is not available")
 
 
+def _trainer_error(err: BaseException, trainer: Any) -> UsageError | None:
+    """One line naming the Trainer argument that Lightning refused (``trainer`` the parsed section), or None."""
+    if any(text in str(err) for text in NO_ACCELERATOR):
+        return UsageError(f"trainer.accelerator {trainer.get('accelerator')}: torch sees no such device on this "
+                          "machine; use --trainer.accelerator cpu (or auto, which takes a GPU where there is one)")
+    named = re.match(r"`(\w+)`", str(err))  # Lightning names the argument it refuses
+    if named and named.group(1) in trainer:
+        return UsageError(f"trainer.{named.group(1)} {trainer[named.group(1)]}: {err}")
+    return None
+
+
 class DriftingCLI(LightningCLI):
     """LightningCLI with any LightningModule / LightningDataModule selected by class name in the config; ``fit``
     is its one subcommand (the module has no validation, test or predict step)."""
@@ -163,15 +174,10 @@ class DriftingCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
-        except MisconfigurationException as err:
-            accelerator = (self.config[self.subcommand] if self.subcommand else self.config).trainer.get("accelerator")
-            if not any(text in str(err) for text in NO_ACCELERATOR) or os.environ.get("DRIFTING_DEBUG"):
-                raise
-            raise UsageError(f"trainer.accelerator {accelerator}: torch sees no such device on this machine; use "
-                             "--trainer.accelerator cpu (or auto, which takes a GPU where there is one)") from None
-        except (ValueError, TypeError, FileNotFoundError) as err:
+        except (MisconfigurationException, ValueError, TypeError, FileNotFoundError) as err:
             config = self.config[self.subcommand] if self.subcommand else self.config
-            short = instantiation_error(err, config)
+            short = None if isinstance(err, MisconfigurationException) else instantiation_error(err, config)
+            short = short or _trainer_error(err, config.trainer)
             if short is None or os.environ.get("DRIFTING_DEBUG"):
                 raise
             raise short from None  # DRIFTING_DEBUG=1 raises the whole chain above

@@ -232,6 +232,10 @@ KERNELS = "Cauchy, Gaussian, InverseMultiquadric, Laplace"
         (["--data", "ImageDataModule"],
          "error: data: ImageDataModule is a base class; choose one of the data modules: DigitsDataModule, "
          "IDXDataModule,"),
+        (["--trainer.devices", "two"],
+         "error: trainer.devices two: `devices` selected with `CPUAccelerator` should be an int > 0."),
+        (["--model.loss.temperatures", "[0.05,"],
+         "error: model.loss.temperatures: '[0.05,' is not a complete list; e.g. --model.loss.temperatures '[0.05]'"),
         (["--model.loss.feild.normalization", "both"],
          "error: model.loss.feild: DriftingLoss has no argument 'feild'; did you mean 'field'? Its arguments:"),
         (["--model.loss.kernel", "Kernel"],
