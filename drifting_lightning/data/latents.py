@@ -260,6 +260,12 @@ class LatentDataModule(ImageDataModule):
             return
         if self.data is None or self.vae is None:
             shards.read_manifest(root)  # raises the error that says how to make the cache
+        if not Path(self.data).is_dir():
+            raise FileNotFoundError(
+                f"data.root {root} holds no latent cache ({shards.MANIFEST}) and data.data {self.data} is no image "
+                "folder to encode one from: point data.root at a cache made by `drifting encode-latents`, or "
+                "data.data at an ImageFolder (root/<class>/<image>)"
+            )
         trainer = self.trainer
         device = trainer.strategy.root_device if trainer is not None else None
         log.info("%s: no complete latent cache, encoding %s with %s", root, self.data, self.vae)

@@ -137,6 +137,13 @@ def test_cache_contents_manifest_and_corrupt_file(latent_assets):
     torch.testing.assert_close(torch.from_numpy(sample[0]).float(), m + s * eps, atol=2e-3, rtol=2e-3)
 
 
+def test_no_cache_and_no_image_folder_names_both_keys(tmp_path):
+    module = LatentDataModule(root=str(tmp_path / "latents"), data=str(tmp_path / "imagenet" / "train"), vae="vae")
+    with pytest.raises(FileNotFoundError, match=r"data.root .*latents holds no latent cache \(manifest.json\) and "
+                                                r"data.data .*train is no image folder"):  # fmt: skip
+        module.prepare_data()
+
+
 def test_manifest_round_trip_and_missing_cache(latent_assets, tmp_path):
     manifest = shards.read_manifest(latent_assets["cache"])
     shards.write_manifest(tmp_path, manifest)
