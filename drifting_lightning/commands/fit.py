@@ -8,6 +8,9 @@ that never lose an earlier run (``run_folder``); a progress bar in steps; a cons
 
 from __future__ import annotations
 
+import ast
+import contextlib
+import json
 import logging
 import os
 import re
@@ -98,12 +101,16 @@ class DriftingArgumentParser(LightningArgumentParser):
         # jsonargparse (4.53) hands an override two components deep (``--model.encoder.checkpoint null``: an argument
         # of a component inside the model) to the inner component's parser as f"--{key}={value}", with the value
         # already parsed: null arrives as the string "None" (a checkpoint path 'None', "expected an integer, got
-        # 'None'"). Those inner parsers are of this class and never exit on error; there "None" is turned back
-        # into null, which also lets users write None for null.
+        # 'None'"); a list or mapping arrives as its Python repr, whose None YAML reads as 'None' too. Those inner
+        # parsers are of this class and never exit on error; there "None" is turned back into null (which also
+        # lets users write None for null), and a repr into JSON.
         if not self.exit_on_error and args is not None and len(args) == 1:
             key, sep, value = str(args[0]).partition("=")
             if key.startswith("--") and sep and value == "None":
                 args = [f"{key}=null"]
+            elif key.startswith("--") and sep and value[:1] in "[{" and "None" in value:
+                with contextlib.suppress(ValueError, SyntaxError, TypeError):  # else jsonargparse reads it as given
+                    args = [f"{key}={json.dumps(ast.literal_eval(value))}"]
         return super().parse_args(args, *rest, **kwargs)
 
 

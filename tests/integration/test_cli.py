@@ -162,6 +162,13 @@ def test_null_reaches_an_optional_path_inside_the_model():
     printed = run_drifting("fit", "--config", mae, "--model.encoder.checkpoint", "null", "--print_config")
     assert printed.returncode == 0, printed.stderr
     assert yaml.safe_load(printed.stdout)["model"]["init_args"]["encoder"]["init_args"]["checkpoint"] is None
+    # ... and inside a list of components given whole (it arrived as the string 'None')
+    pixel = str(REPO / "configs" / "imagenet_pixel_B.yaml")
+    listed = run_drifting("fit", "--config", pixel, "--trainer.accelerator", "cpu", "--model.encoder.encoders",
+                          "[{class_path: ResNetMAE, init_args: {checkpoint: null}}]", "--print_config")  # fmt: skip
+    assert listed.returncode == 0, listed.stderr
+    encoders = yaml.safe_load(listed.stdout)["model"]["init_args"]["encoder"]["init_args"]["encoders"]
+    assert encoders[0]["init_args"]["checkpoint"] is None
 
 
 def test_ctrl_c_in_a_tool_command_is_a_short_message(capsys, monkeypatch):
