@@ -5,7 +5,7 @@
   (``runs/<name>/version_<k>``) into its ``checkpoints/last.ckpt``.
 - ``resolve_last_checkpoint`` makes ``drifting fit --ckpt_path last`` find the run's ``last.ckpt`` even though each
   run of the command would otherwise log into a new ``version_N`` folder.
-- ``steps_left`` tells a resume that has nothing left to train (its checkpoint already at ``max_steps``).
+- ``finished_run`` tells a resume that has nothing left to train (its checkpoint already at ``max_steps``).
 """
 
 from __future__ import annotations
@@ -52,11 +52,12 @@ def resolve_ckpt_path(config: Namespace) -> None:
     _log_into_run_of(config, Path(ckpt_path))  # a file of runs/<name>/version_<k>/checkpoints/ continues that run
 
 
-def steps_left(config: Namespace) -> int | None:
-    """Optimiser steps left to train from the checkpoint file at ``ckpt_path`` of the parsed ``fit`` section, under
-    ``trainer.max_steps``; None when unknown (no checkpoint file, no step limit, a sharded folder). Lightning itself
-    resumes a finished run by starting (a new config and event file in the run folder) and stopping at once, saying
-    only that ``max_steps`` was reached. The step is read with the tensors memory-mapped, not loaded."""
+def finished_run(config: Namespace) -> str | None:
+    """What ``drifting fit`` says instead of resuming, when the checkpoint file at ``ckpt_path`` of the parsed ``fit``
+    section already reached ``trainer.max_steps``; None otherwise, or when unknown (no checkpoint file, no step limit,
+    a sharded folder). Lightning itself resumes a finished run by starting (a new config and event file in the run
+    folder) and stopping at once, saying only that ``max_steps`` was reached. The step is read with the tensors
+    memory-mapped, not loaded."""
     path, max_steps = config.get("ckpt_path"), (config.get("trainer") or Namespace()).get("max_steps")
     if not path or not os.path.isfile(path) or not isinstance(max_steps, int) or max_steps < 0:
         return None
@@ -64,16 +65,10 @@ def steps_left(config: Namespace) -> int | None:
         step = torch.load(path, map_location="cpu", mmap=True, weights_only=True).get("global_step")
     except Exception:  # Lightning's own load names what is wrong with the file
         return None
-    return max_steps - step if isinstance(step, int) and not isinstance(step, bool) else None
-
-
-def finished_run_notice(config: Namespace, left: int) -> str:
-    """What ``drifting fit`` says instead of resuming a checkpoint with ``left`` <= 0 steps to train."""
-    max_steps = config.trainer.max_steps
-    step = max_steps - left
-    more = max(2 * step, step + 1)
-    return (f"{config.ckpt_path} is at step {step}: the run already reached --trainer.max_steps {max_steps}, so "
-            f"there is nothing to train. To train further, raise it (e.g. --trainer.max_steps {more}).")
+    if not isinstance(step, int) or isinstance(step, bool) or step < max_steps:
+        return None
+    return (f"{path} is at step {step}: the run already reached --trainer.max_steps {max_steps}, so there is nothing "
+            f"to train. To train further, raise it (e.g. --trainer.max_steps {max(2 * step, step + 1)}).")
 
 
 # ---- resuming with --ckpt_path last ------------------------------------------------------------------------

@@ -33,12 +33,7 @@ from drifting_lightning.callbacks.progress import StepProgressBar
 from drifting_lightning.callbacks.resume_logs import PurgeLogsAfterCheckpoint
 from drifting_lightning.callbacks.rng import TrainingRNG
 from drifting_lightning.checkpoints.atomic_io import AtomicCheckpointIO
-from drifting_lightning.checkpoints.resume import (
-    finished_run_notice,
-    resolve_ckpt_path,
-    resolve_last_checkpoint,
-    steps_left,
-)
+from drifting_lightning.checkpoints.resume import finished_run, resolve_ckpt_path, resolve_last_checkpoint
 from drifting_lightning.commands import UsageError
 from drifting_lightning.commands.config_errors import (
     argparse_error,
@@ -106,9 +101,7 @@ class DriftingArgumentParser(LightningArgumentParser):
         # lets users write None for null), and a repr into JSON.
         if not self.exit_on_error and args is not None and len(args) == 1:
             key, sep, value = str(args[0]).partition("=")
-            if key.startswith("--") and sep and value == "None":
-                args = [f"{key}=null"]
-            elif key.startswith("--") and sep and value[:1] in "[{" and "None" in value:
+            if key.startswith("--") and sep and (value == "None" or value[:1] in "[{" and "None" in value):
                 with contextlib.suppress(ValueError, SyntaxError, TypeError):  # else jsonargparse reads it as given
                     args = [f"{key}={json.dumps(ast.literal_eval(value))}"]
         return super().parse_args(args, *rest, **kwargs)
@@ -173,9 +166,8 @@ class DriftingCLI(LightningCLI):
         # a resume from last.ckpt runs with the config on the command line (its tensors checked against the checkpoint).
         if self.subcommand == "fit":
             resolve_last_checkpoint(self.config.fit)
-            left = steps_left(self.config.fit)
-            if left is not None and left <= 0:  # before the trainer exists: no run folder, config or event file
-                notice(finished_run_notice(self.config.fit, left))
+            if (finished := finished_run(self.config.fit)) is not None:  # before the trainer: no folder, no files
+                notice(finished)
                 raise SystemExit(0)
 
     def instantiate_classes(self) -> None:

@@ -328,7 +328,7 @@ class DiT(Generator):
                 raise ValueError(f"style must have shape [{n}, {self.num_style_tokens}], got {tuple(style.shape)}")
             offsets = torch.arange(self.num_style_tokens, device=device) * self.style_codebook_size
             c = c + self.style_embed(style + offsets).sum(dim=1)
-        return c.to(dtype) if dtype != torch.float32 else c
+        return c.to(dtype)
 
     def forward(
         self,

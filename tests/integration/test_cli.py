@@ -417,3 +417,7 @@ def test_an_option_before_the_config_is_refused_as_the_file_would_override_it():
                              "--trainer.max_steps ...)")  # fmt: skip
     printed = run_drifting("fit", "--print_config", "--config", TOY)  # not an option of the run
     assert printed.returncode == 0 and "max_steps: 1500" in printed.stdout
+    # the sections a config file may hold (unknown ones are refused) are the ones the parser writes
+    from drifting_lightning.commands.fit import CONFIG_SECTIONS
+
+    assert set(yaml.safe_load(printed.stdout)) == set(CONFIG_SECTIONS)
